@@ -1,0 +1,354 @@
+"""The trusted side of the boundary: the one way tests reach learner code.
+
+Tests get a ``Learner`` (the ``learner`` fixture) and call ``learner.module("autograd")``.  What
+comes back is a ``Proxy``: attribute access, calls and operators on it become requests to a
+backend, and results come back through the safe protocol as plain data or as more proxies.
+
+Two backends serve the same requests:
+
+* ``InProcessBackend`` for a learner's own ``pytest exercises/unitN``: learner code runs in the
+  test process, so tracebacks point into it and ``pdb`` works, but every value still makes the
+  round trip through the protocol, so a test that relies on anything else fails here first.
+* ``WorkerBackend`` for ``course grade``: learner code runs in a sandboxed worker process
+  (``autograder.sandbox``); a crash, a hang or a memory bomb fails only the call in flight.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import importlib
+import os
+import select
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from autograder.worker import harness as local_harness
+from autograder.worker.objects import ObjectTable, serve
+from autograder.worker.protocol import Decoder, Encoder, Handle, ProtocolError, pack, read_message, unpack
+
+
+class LearnerError(Exception):
+    """An exception raised by learner code, rebuilt from plain data.
+
+    Subclasses also inherit from the builtin exception of the same name, so
+    ``pytest.raises(ValueError)`` works across the boundary.
+    """
+
+    def __init__(self, type_name: str, message: str, frames: list, call: str = ""):
+        self.type_name, self.message, self.frames, self.call = type_name, message, frames, call
+        super().__init__(self.render())
+
+    @property
+    def learner_frame(self) -> list | None:
+        mine = [f for f in self.frames if f[4]]
+        return mine[-1] if mine else None
+
+    @property
+    def is_todo(self) -> bool:
+        return self.type_name == "NotImplementedError" and self.message.startswith("TODO")
+
+    def render(self) -> str:
+        where = self.learner_frame
+        place = f" at {where[0]}:{where[1]} in {where[2]}" if where else ""
+        if self.is_todo:
+            text = f"{self.message} (not written yet{place})"
+        else:
+            text = f"your code raised {self.type_name}: {self.message}{place}"
+            if where and where[3]:
+                text += f"\n    {where[3].strip()}"
+        return f"{self.call}: {text}" if self.call else text
+
+
+class WorkerDied(LearnerError):
+    """The worker process ended in the middle of a call (crash, os._exit, a limit)."""
+
+
+class CallTimeout(WorkerDied):
+    """A call into learner code ran past its time limit."""
+
+
+_ERROR_TYPES: dict[str, type] = {}
+
+
+def learner_error(info: dict, call: str) -> LearnerError:
+    name = info.get("type", "Exception")
+    base = getattr(builtins, name, None) if info.get("builtin") else None
+    if not (isinstance(base, type) and issubclass(base, Exception)) or base in (LearnerError,):
+        base = None
+    if base is None:
+        cls = LearnerError
+    else:
+        cls = _ERROR_TYPES.get(name)
+        if cls is None:
+            cls = _ERROR_TYPES[name] = type(f"Learner{name}", (LearnerError, base), {})
+    error = cls.__new__(cls)
+    LearnerError.__init__(error, name, str(info.get("message", "")), list(info.get("frames", [])), call)
+    return error
+
+
+NAMED_KINDS = ("function", "type", "module", "method", "builtin_function_or_method", "ABCMeta", "FunctionMeta")
+
+
+class Proxy:
+    """A learner object that stays on the learner's side."""
+
+    __slots__ = ("_backend", "_handle", "_generation", "__weakref__")
+
+    def __init__(self, backend: "Backend", handle: Handle, generation: int):
+        object.__setattr__(self, "_backend", backend)
+        object.__setattr__(self, "_handle", handle)
+        object.__setattr__(self, "_generation", generation)
+
+    # attribute access and calls
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return self._backend.request({"op": "getattr", "target": self, "name": name}, lambda: f"{self._label}.{name}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._backend.request({"op": "setattr", "target": self, "name": name, "value": value},
+                              lambda: f"{self._label}.{name} = {describe_value(value)}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._backend.request({"op": "call", "target": self, "args": list(args), "kwargs": kwargs},
+                                     lambda: f"{self._label}({describe_args(args, kwargs)})")
+
+    @property
+    def _label(self) -> str:
+        named = self._handle.type_name in NAMED_KINDS
+        return self._handle.text if named else self._handle.type_name
+
+    def __repr__(self) -> str:
+        return f"<learner {self._handle.type_name}: {self._handle.text}>"
+
+    def __del__(self) -> None:
+        try:
+            object.__getattribute__(self, "_backend").forget(self)
+        except Exception:
+            pass
+
+    def _op(self, name: str, *args: Any) -> Any:
+        return self._backend.request({"op": "operator", "name": name, "args": list(args)},
+                                     lambda: f"{name}({describe_args(args, {})})")
+
+    # operators learner objects are expected to support (Value arithmetic, indexing, len)
+    def __add__(self, other): return self._op("add", self, other)
+    def __radd__(self, other): return self._op("add", other, self)
+    def __sub__(self, other): return self._op("sub", self, other)
+    def __rsub__(self, other): return self._op("sub", other, self)
+    def __mul__(self, other): return self._op("mul", self, other)
+    def __rmul__(self, other): return self._op("mul", other, self)
+    def __truediv__(self, other): return self._op("truediv", self, other)
+    def __rtruediv__(self, other): return self._op("truediv", other, self)
+    def __pow__(self, other): return self._op("pow", self, other)
+    def __rpow__(self, other): return self._op("pow", other, self)
+    def __matmul__(self, other): return self._op("matmul", self, other)
+    def __neg__(self): return self._op("neg", self)
+    def __getitem__(self, key): return self._op("getitem", self, key)
+    def __setitem__(self, key, value): return self._op("setitem", self, key, value)
+    def __contains__(self, item): return self._op("contains", self, item)
+    def __len__(self): return self._op("len", self)
+    def __iter__(self): return iter(self._op("list", self))
+    # Equality and hashing stay local on purpose: a learner object never decides a comparison.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+def describe_value(value: Any) -> str:
+    """Short description of an argument: shape and dtype for arrays, type for the rest."""
+    if isinstance(value, Proxy):
+        return value._handle.type_name
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is not None and dtype is not None:
+        dims = ",".join(str(d) for d in shape)
+        kind = "tensor" if type(value).__module__.startswith("torch") else "array"
+        return f"{kind}[{dims}] {str(dtype).replace('torch.', '')}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(describe_value(v) for v in list(value)[:4])
+        more = ", ..." if len(value) > 4 else ""
+        return f"[{inner}{more}]" if isinstance(value, list) else f"({inner}{more})"
+    if isinstance(value, (int, float, bool)) or value is None:
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value if len(value) < 30 else value[:27] + "...")
+    if isinstance(value, bytes):
+        return f"bytes[{len(value)}]"
+    return type(value).__name__
+
+
+def describe_args(args: tuple | list, kwargs: dict) -> str:
+    parts = [describe_value(a) for a in args] + [f"{k}={describe_value(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts)
+
+
+class Backend:
+    """Common part of both backends: encoding, handles, the request API."""
+
+    isolation = "in-process"
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.pending_release: list[int] = []
+        self.lock = threading.RLock()
+
+    # proxies ----------------------------------------------------------------
+    def _make_proxy(self, handle: Handle) -> Proxy:
+        return Proxy(self, handle, self.generation)
+
+    def _handle_of(self, value: Any) -> Handle:
+        if isinstance(value, Proxy):
+            if value._backend is not self:
+                raise ProtocolError("a learner object from another unit cannot be passed here")
+            if value._generation != self.generation:
+                raise WorkerDied("StaleHandle", "this object belonged to a worker that was restarted; make it again", [])
+            return value._handle
+        raise TypeError(f"a {type(value).__name__} cannot be sent to learner code; send plain data (tensors, arrays, numbers, strings, lists, dicts)")
+
+    def forget(self, proxy: Proxy) -> None:
+        if proxy._generation == self.generation:
+            self.pending_release.append(proxy._handle.id)
+
+    def request(self, request: dict, call: Callable[[], str]) -> Any:
+        """Carry out one request; ``call`` describes it (lazily) for error messages."""
+        raise NotImplementedError
+
+
+class InProcessBackend(Backend):
+    """Learner code in this process; values still round-trip through the protocol."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = Path(root).resolve()
+        self.table = ObjectTable()
+        if str(self.root) not in sys.path:
+            sys.path.insert(0, str(self.root))
+
+    def request(self, request: dict, call: Callable[[], str]) -> Any:
+        # Arguments: trusted side -> wire -> learner side.
+        data = pack({**request}, self._handle_of)
+        header, blob = _split(data)
+        decoded = unpack(header, blob, self.table.from_handle, device_ok=lambda d: d)
+        self.table.release(self.pending_release)
+        self.pending_release = []
+        result = serve(decoded, local_harness)  # learner exceptions propagate with their traceback
+        # Result: learner side -> wire -> trusted side.
+        header, blob = _split(pack(result, self.table.to_handle))
+        return unpack(header, blob, self._make_proxy)
+
+    def close(self) -> None:
+        self.table = ObjectTable()
+
+
+def _split(data: bytes) -> tuple[bytes, bytes]:
+    import struct
+
+    header_len, blob_len = struct.unpack_from("<QQ", data)
+    return data[16 : 16 + header_len], data[16 + header_len :]
+
+
+class WorkerBackend(Backend):
+    """Learner code in a sandboxed worker process, restarted after any failure."""
+
+    def __init__(self, spawn, call_timeout: float):
+        super().__init__()
+        self.spawn = spawn  # () -> autograder.sandbox.Worker
+        self.call_timeout = call_timeout
+        self.worker = None
+        self.restarts = 0
+
+    @property
+    def isolation(self) -> str:  # type: ignore[override]
+        return self.spawn.level
+
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float):
+        old, self.call_timeout = self.call_timeout, seconds
+        try:
+            yield
+        finally:
+            self.call_timeout = old
+
+    def _ensure_worker(self):
+        if self.worker is None or not self.worker.alive():
+            if self.worker is not None:
+                self.worker.kill()
+                self.generation += 1
+                self.pending_release = []
+                self.restarts += 1
+            self.worker = self.spawn()
+        return self.worker
+
+    def request(self, request: dict, call: Callable[[], str]) -> Any:
+        with self.lock:
+            worker = self._ensure_worker()
+            message = dict(request)
+            if self.pending_release:
+                message["release"], self.pending_release = self.pending_release, []
+            data = pack(message, self._handle_of)
+            try:
+                header, blob = worker.call(data, self.call_timeout)
+            except TimeoutError:
+                worker.kill()
+                self.generation += 1
+                raise CallTimeout("Timeout", f"no answer within {self.call_timeout:g} s (an endless loop, or far too slow?); the worker was restarted",
+                                  [], call()) from None
+            except (EOFError, OSError):
+                reason = worker.death_reason()
+                worker.kill()
+                self.generation += 1
+                raise WorkerDied("WorkerDied", f"the worker process died during this call: {reason}; it was restarted", [], call()) from None
+            reply = unpack(header, blob, self._make_proxy)
+            if type(reply) is not dict or len(reply) != 1 or not ({"ok", "error"} & reply.keys()):
+                raise ProtocolError("malformed reply from the worker")
+            if "error" in reply:
+                info = reply["error"]
+                if type(info) is not dict:
+                    raise ProtocolError("malformed error from the worker")
+                raise learner_error(info, call())
+            return reply["ok"]
+
+    def output(self) -> str:
+        return self.worker.output() if self.worker else ""
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker = None
+
+
+class Learner:
+    """What a test holds: the learner's unit, reachable only through a backend."""
+
+    def __init__(self, backend: Backend, unit_dir: str):
+        self.backend, self.unit_dir = backend, unit_dir
+
+    def module(self, name: str) -> Proxy:
+        """A learner module of this unit (``"autograd"``), or a course module (``"common.gpt"``)."""
+        full = name if "." in name else f"{self.unit_dir}.{name}"
+        return self.backend.request({"op": "import", "module": full}, lambda: f"import {full}")
+
+    def lib(self, name: str) -> Proxy:
+        """Any installed module, imported on the learner's side (to build objects there)."""
+        return self.backend.request({"op": "import", "module": name}, lambda: f"import {name}")
+
+    def harness(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.backend.request({"op": "harness", "name": name, "args": list(args), "kwargs": kwargs},
+                                    lambda: f"{name}({describe_args(args, kwargs)})")
+
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float):
+        """Allow one slow call (a training loop) more time than course.yml's call_timeout."""
+        if isinstance(self.backend, WorkerBackend):
+            with self.backend.time_limit(seconds):
+                yield
+        else:
+            yield
+
+    @property
+    def isolation(self) -> str:
+        return self.backend.isolation

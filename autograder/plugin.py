@@ -1,0 +1,246 @@
+"""The course's pytest plugin: the ``learner`` fixture, scoring groups, GPU policy, results.
+
+Loaded with ``-p autograder.plugin`` (pyproject.toml does it for every pytest run in the repo).
+
+* Run by a learner (``pytest exercises/unit1``): learner code is imported in-process, so
+  tracebacks and ``pdb`` work as usual.
+* Run by the grader (``--submission DIR``): learner code runs in a sandboxed worker and every test's
+  outcome is written to ``--results`` as one JSON line, which the runner scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autograder.checks import CheckFailure
+from autograder.client import InProcessBackend, Learner, LearnerError, WorkerBackend
+from autograder.manifest import REPO_ROOT, Course, Unit, load_course
+
+NOT_GRADED_GPU = "not graded: needs a CUDA GPU"
+HIDDEN_DIR = REPO_ROOT / "autograder" / "hidden"
+_STATE = pytest.StashKey["CourseState"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("course", "course grading")
+    group.addoption("--submission", help="grade this folder of unit folders, learner code in a sandboxed worker")
+    group.addoption("--isolation", default="auto", help="auto | bwrap | user | none (with --submission)")
+    group.addoption("--results", help="append one JSON line per test outcome to this file")
+    group.addoption("--gpu", choices=("auto", "require"), default="auto",
+                    help="require: fail, rather than leave ungraded, GPU tests on a machine without CUDA")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class CourseState:
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.course: Course = load_course()
+        self.submission = config.getoption("submission")
+        self.isolation = config.getoption("isolation")
+        self.results_path = config.getoption("results")
+        # The secret seed reaches this process only through the environment, and leaves it here.
+        self.grading_seed = os.environ.pop("COURSE_GRADING_SEED", "visible-tests")
+        self.cuda = _cuda_available()
+        self.learners: dict[tuple[str, str], Learner] = {}
+        self.spawners = []
+
+    # where a test belongs ---------------------------------------------------------
+    def unit_of(self, path: Path) -> tuple[Unit, Path, str] | None:
+        """(unit, root of the learner's unit folders, visibility) for a test file, if it is a unit's."""
+        path = Path(path).resolve()
+        for unit in self.course.units:
+            hidden = (HIDDEN_DIR / unit.id).resolve()
+            if hidden in path.parents:
+                return unit, Path(self.submission or REPO_ROOT / "exercises"), "hidden"
+            for parent in path.parents:
+                if parent.name == unit.dir and (parent / "__init__.py").exists():
+                    return unit, parent.parent, "visible"
+        return None
+
+    def learner(self, unit: Unit, root: Path) -> Learner:
+        key = (unit.id, str(root))
+        if key not in self.learners:
+            if self.submission:
+                from autograder.sandbox import Spawner
+
+                limits = self.course.limits_for(unit)
+                spawner = Spawner(Path(self.submission), unit.dir, unit.files, unit.provided,
+                                  [f.model_dump() for f in self.course.forbidden_for(unit)],
+                                  limits.memory_mb, limits.max_processes, limits.max_file_kb, self.isolation)
+                self.spawners.append(spawner)
+                backend = WorkerBackend(spawner, limits.call_timeout)
+            else:
+                backend = InProcessBackend(root)
+            self.learners[key] = Learner(backend, unit.dir)
+        return self.learners[key]
+
+    def write(self, record: dict) -> None:
+        if self.results_path:
+            with open(self.results_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        for learner in self.learners.values():
+            learner.backend.close()
+        for spawner in self.spawners:
+            spawner.cleanup()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "group(name): the course.yml scoring group of a graded test")
+    state = CourseState(config)
+    config.stash[_STATE] = state
+    if state.results_path:
+        config.pluginmanager.register(Recorder(state), "course-recorder")
+    if config.getoption("gpu") == "require" and not state.cuda:
+        raise pytest.UsageError("--gpu require: no CUDA GPU is visible to torch on this machine")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None:
+        state.close()
+
+
+def _test_info(state: CourseState, item: pytest.Item) -> dict | None:
+    found = state.unit_of(item.path)
+    if found is None:
+        return None
+    unit, _, visibility = found
+    marker = item.get_closest_marker("group")
+    group = marker.args[0] if marker and marker.args else None
+    return {"nodeid": item.nodeid, "name": _display_name(item, visibility), "unit": unit.id, "group": group,
+            "visibility": visibility, "gpu": item.get_closest_marker("gpu") is not None}
+
+
+def _display_name(item: pytest.Item, visibility: str) -> str:
+    file = Path(item.path).name
+    return f"{file}::{item.name}" if visibility == "visible" else f"hidden/{file}::{item.name}"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash[_STATE]
+    for item in items:
+        if item.get_closest_marker("gpu") and not state.cuda:
+            item.add_marker(pytest.mark.skip(reason=NOT_GRADED_GPU))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    state = session.config.stash[_STATE]
+    tests = [info for item in session.items if (info := _test_info(state, item))]
+    state.write({"event": "collected", "tests": tests, "cuda": state.cuda})
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    state = item.config.stash[_STATE]
+    info = _test_info(state, item)
+    if info is None:
+        return
+    unit = state.course.unit(info["unit"])
+    if info["group"] is None or unit.group(info["group"]) is None:
+        known = ", ".join(g.id for g in unit.groups)
+        raise pytest.UsageError(f"{item.nodeid}: mark it @pytest.mark.group(...) with one of {unit.id}'s groups ({known})")
+
+
+@pytest.fixture
+def learner(request: pytest.FixtureRequest) -> Learner:
+    """The learner's unit this test belongs to (modules via ``learner.module("name")``)."""
+    state = request.config.stash[_STATE]
+    found = state.unit_of(request.path)
+    if found is None:
+        raise pytest.UsageError(f"{request.path}: the learner fixture is only for tests of a unit in course.yml")
+    unit, root, _ = found
+    return state.learner(unit, root)
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    """A seed for this test's inputs: fixed for visible runs, secret per grading run otherwise."""
+    state = request.config.stash[_STATE]
+    digest = hashlib.sha256(f"{state.grading_seed}|{request.node.nodeid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@pytest.fixture
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def torch_gen(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def teaching_message(excinfo: pytest.ExceptionInfo) -> str:
+    exc = excinfo.value
+    if isinstance(exc, (CheckFailure, LearnerError)):
+        return str(exc)
+    if isinstance(exc, AssertionError):
+        text = str(exc).strip()
+        return text.split("\nassert ")[0] if text else "assertion failed"
+    return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and report.failed:
+        message = teaching_message(call.excinfo)
+        report.course_message = message
+        exc = call.excinfo.value
+        state = item.config.stash[_STATE]
+        # A learner sees a short message for a TODO; in grading, no trusted-side traceback.
+        if isinstance(exc, LearnerError) and (exc.is_todo or state.submission):
+            report.longrepr = message
+        elif isinstance(exc, NotImplementedError) and str(exc).startswith("TODO"):
+            tb = call.excinfo.traceback[-1]
+            report.longrepr = f"{exc} (not written yet: {Path(str(tb.path)).name} line {tb.lineno + 1})"
+            report.course_message = report.longrepr
+
+
+class Recorder:
+    """Writes each test's outcome as it happens, so a killed run keeps what it had."""
+
+    def __init__(self, state: CourseState):
+        self.state = state
+        self.started = time.monotonic()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" and (report.when != "setup" or report.passed):
+            return
+        if report.skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            outcome, message = "skipped", reason.removeprefix("Skipped: ")
+        elif report.passed:
+            outcome, message = "passed", ""
+        else:
+            outcome = "failed" if report.when == "call" else "error"
+            message = getattr(report, "course_message", None) or str(report.longrepr)[-2000:]
+        self.state.write({"event": "result", "nodeid": report.nodeid, "outcome": outcome,
+                          "message": message[:4000], "duration": round(report.duration, 4)})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    state = session.config.stash[_STATE]
+    levels = sorted({l.backend.isolation for l in state.learners.values()})
+    weaker = sorted({s.weaker_because for s in state.spawners if s.weaker_because})
+    restarts = sum(getattr(l.backend, "restarts", 0) for l in state.learners.values())
+    state.write({"event": "finished", "isolation": levels, "isolation_note": weaker, "worker_restarts": restarts})

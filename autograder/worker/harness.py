@@ -1,0 +1,73 @@
+"""Helpers the tests run on the learner's side, for work that cannot cross the boundary as data.
+
+Everything here only computes; every check happens in the trusted process, against its own
+oracles.  A learner who tampers with these helpers can only make their own results wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class AutogradRecord:
+    """A forward pass kept alive on the learner's side until its backward is asked for."""
+
+    def __init__(self, output: torch.Tensor, inputs: list[torch.Tensor]):
+        self.output, self.inputs = output, inputs
+
+
+def _leaf(value: Any, wants_grad: bool) -> Any:
+    if isinstance(value, torch.Tensor) and wants_grad and value.is_floating_point():
+        return value.detach().clone().requires_grad_(True)
+    return value
+
+
+def autograd_forward(fn, args: list, grad_mask: list[bool]):
+    """Run ``fn(*args)`` with gradients on the masked inputs.
+
+    Returns (output, record, saved): ``saved`` lists the shapes of the tensors the learner's
+    autograd.Function saved for backward, when the output's grad_fn exposes them.
+    """
+    inputs = [_leaf(a, m) for a, m in zip(args, grad_mask)]
+    with torch.enable_grad():  # the caller may be inside a no-grad region (a trusted autograd.Function)
+        output = fn(*inputs)
+    saved = []
+    grad_fn = getattr(output, "grad_fn", None)
+    for tensor in getattr(grad_fn, "saved_tensors", ()) or ():
+        saved.append(tuple(tensor.shape))
+    return output.detach(), AutogradRecord(output, inputs), saved
+
+
+def autograd_backward(record: AutogradRecord, grad_output: torch.Tensor):
+    """Gradients of the recorded output (times grad_output) with respect to each input."""
+    wanted = [t for t in record.inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(record.output, wanted, grad_output.to(record.output.device),
+                                    allow_unused=True, retain_graph=True)
+    grads = iter(grads)
+    return [next(grads) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in record.inputs]
+
+
+def cuda_peak_memory(fn, args: list, backward: bool = False):
+    """Peak CUDA memory (bytes above the inputs) of one call, and its output."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    inputs = [_leaf(a, backward) for a in args]
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    output = fn(*inputs)
+    if backward:
+        output.backward(torch.ones_like(output))
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return peak, output.detach()
+
+
+def call_synchronized(fn, args: list, kwargs: dict | None = None):
+    """Call and wait for the device, so the caller's wall clock covers all of the work."""
+    output = fn(*args, **(kwargs or {}))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return output
