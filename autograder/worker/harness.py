@@ -71,3 +71,33 @@ def call_synchronized(fn, args: list, kwargs: dict | None = None):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return output
+
+
+class Stored:
+    """A value kept on the learner's side (large GPU tensors stay on the device between calls)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def _unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, Stored) else value
+
+
+def random_stored(shape: list[int], dtype: torch.dtype, device: str, seed: int, scale: float = 1.0) -> Stored:
+    """A normal tensor made from a seed the trusted side chose (it can rebuild the same values on CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    return Stored((torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(dtype).to(device))
+
+
+def call_stored(fn, args: list, kwargs: dict | None = None) -> Stored:
+    """Call with stored arguments and wait for the device; the output stays here."""
+    output = fn(*[_unwrap(a) for a in args], **{k: _unwrap(v) for k, v in (kwargs or {}).items()})
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return Stored(output)
+
+
+def fetch(stored: Stored, index: Any = None) -> Any:
+    """The stored value, or part of it, as plain data for the trusted side to check."""
+    return stored.value if index is None else stored.value[index]
