@@ -31,7 +31,8 @@ _STATE = pytest.StashKey["CourseState"]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("course", "course grading")
     group.addoption("--submission", help="grade this folder of unit folders, learner code in a sandboxed worker")
-    group.addoption("--isolation", default="auto", help="auto | bwrap | user | none (with --submission)")
+    group.addoption("--isolation", default="auto",
+                    help="auto | bwrap | user | none (with --submission); inprocess: no worker, for benchmarks only")
     group.addoption("--results", help="append one JSON line per test outcome to this file")
     group.addoption("--gpu", choices=("auto", "require"), default="auto",
                     help="require: fail, rather than leave ungraded, GPU tests on a machine without CUDA")
@@ -75,7 +76,12 @@ class CourseState:
         # Graded runs share one worker per unit; learner runs may mix roots (exercises/, solutions/).
         key = (unit.id, "" if self.submission else str(root))
         if key not in self.learners:
-            if self.submission:
+            if self.submission and self.isolation == "inprocess":
+                # Benchmarks only: the graded tree, imported into this (trusted) process.
+                from autograder.sandbox import grading_tree
+
+                backend = InProcessBackend(grading_tree(Path(self.submission), unit.dir, unit.files, unit.provided))
+            elif self.submission:
                 from autograder.sandbox import Spawner
 
                 limits = self.course.limits_for(unit)
@@ -84,7 +90,7 @@ class CourseState:
                                   limits.memory_mb, limits.max_processes, limits.max_file_kb, self.isolation)
                 self.spawners.append(spawner)
                 backend = WorkerBackend(spawner, limits.call_timeout)
-            else:
+            else:  # a learner's own pytest run
                 backend = InProcessBackend(root)
             self.learners[key] = Learner(backend, unit.dir)
         return self.learners[key]

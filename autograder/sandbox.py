@@ -351,26 +351,31 @@ class Worker:
             self.cgroup = None
 
 
+def grading_tree(submission_root: Path, unit_dir: str, learner_files: list[str], provided: list[str]) -> Path:
+    """A fresh folder with what the learner's code may see: the course's files of the unit (its
+    __init__.py, data, provided folders such as common/) and the learner's own files."""
+    root = Path(tempfile.mkdtemp(prefix="course-worker-")) / "submission"
+    root.mkdir()
+    course_files = shutil.ignore_patterns("__pycache__", "test_*.py", "*.ipynb", *learner_files)
+    for name in [unit_dir, *provided]:
+        source = REPO_ROOT / "exercises" / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=course_files)
+    for name in learner_files:
+        source = submission_root / unit_dir / name
+        if source.is_file():
+            shutil.copy2(source, root / unit_dir / name)
+    return root
+
+
 class Spawner:
     """Makes workers for one unit: copies the submission, picks the level, builds the command."""
 
     def __init__(self, submission_root: Path, unit_dir: str, learner_files: list[str], provided: list[str],
                  forbidden: list[dict], memory_mb: int, max_processes: int, max_file_kb: int, level: str = "auto"):
         self.level, self.weaker_because = probe_level(level)
-        self.workdir = Path(tempfile.mkdtemp(prefix="course-worker-"))
-        self.root = self.workdir / "submission"
-        self.root.mkdir()
-        # Course files (the unit's __init__.py, data, provided folders such as common/) come from the
-        # course; only the files a learner edits come from the submission.
-        course_files = shutil.ignore_patterns("__pycache__", "test_*.py", "*.ipynb", *learner_files)
-        for name in [unit_dir, *provided]:
-            source = REPO_ROOT / "exercises" / name
-            if source.is_dir():
-                shutil.copytree(source, self.root / name, ignore=course_files)
-        for name in learner_files:
-            source = Path(submission_root) / unit_dir / name
-            if source.is_file():
-                shutil.copy2(source, self.root / unit_dir / name)
+        self.root = grading_tree(Path(submission_root), unit_dir, learner_files, provided)
+        self.workdir = self.root.parent
         if self.level != "bwrap":
             # The worker imports its half of the grader from a copy, never from the course tree.
             self.grader_copy = self.workdir / "grader" / "autograder"

@@ -1,0 +1,107 @@
+"""From test outcomes to points.
+
+Each course.yml group's points are shared equally by the tests in that group.  A skipped test
+never earns points.  A GPU test on a machine without CUDA is "not graded": left out of max_score
+(or scored 0 when course.yml says ``gpu_when_missing: zero``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from autograder.manifest import Course, Unit
+
+NOT_GRADED = "not_graded"
+
+
+@dataclass
+class TestResult:
+    name: str
+    group: str
+    visibility: str  # visible | hidden
+    status: str  # passed | failed | error | skipped | not_run | not_graded
+    output: str = ""
+    score: float = 0.0
+    max_score: float = 0.0
+    nodeid: str = ""
+
+
+@dataclass
+class GroupResult:
+    id: str
+    title: str
+    score: float
+    max_score: float
+    passed: int
+    total: int
+
+
+@dataclass
+class UnitResult:
+    id: str
+    title: str
+    score: float = 0.0
+    max_score: float = 0.0
+    tests: list[TestResult] = field(default_factory=list)
+    groups: list[GroupResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    isolation: str = ""
+    seconds: float = 0.0
+    error: str | None = None  # the unit could not be graded (a course problem, not the learner's)
+
+
+@dataclass
+class Report:
+    course: str
+    version: str
+    units: list[UnitResult]
+    isolation: str = ""
+    isolation_note: str = ""
+    seconds: float = 0.0
+
+    @property
+    def score(self) -> float:
+        return round(sum(u.score for u in self.units), 4)
+
+    @property
+    def max_score(self) -> float:
+        return round(sum(u.max_score for u in self.units), 4)
+
+    def to_json(self) -> dict:
+        return {
+            "score": self.score,
+            "max_score": self.max_score,
+            "course": self.course,
+            "version": self.version,
+            "isolation": self.isolation,
+            "isolation_note": self.isolation_note,
+            "seconds": round(self.seconds, 2),
+            "units": [
+                {"id": u.id, "title": u.title, "score": round(u.score, 4), "max_score": round(u.max_score, 4),
+                 "notes": u.notes, "error": u.error, "seconds": round(u.seconds, 2),
+                 "groups": [asdict(g) for g in u.groups],
+                 "tests": [{"name": t.name, "group": t.group, "score": round(t.score, 4), "max_score": round(t.max_score, 4),
+                            "status": t.status, "visibility": t.visibility, "output": t.output} for t in u.tests]}
+                for u in self.units
+            ],
+        }
+
+
+def score_unit(course: Course, unit: Unit, result: UnitResult) -> UnitResult:
+    """Fill in points on ``result.tests`` (statuses already set) and the unit's totals."""
+    count_ungraded = course.gpu_when_missing == "zero"
+    result.groups = []
+    for group in unit.groups:
+        tests = [t for t in result.tests if t.group == group.id]
+        counted = [t for t in tests if t.status != NOT_GRADED or count_ungraded]
+        share = group.points / len(counted) if counted else 0.0
+        for t in tests:
+            t.max_score = share if t in counted else 0.0
+            t.score = share if t.status == "passed" else 0.0
+        # A group with no tests at all (its file failed to load) still counts, at zero.
+        group_max = group.points if counted or not tests else 0.0
+        result.groups.append(GroupResult(group.id, group.title, sum(t.score for t in tests), group_max,
+                                         sum(t.status == "passed" for t in tests), len(counted)))
+    result.score = sum(g.score for g in result.groups)
+    result.max_score = sum(g.max_score for g in result.groups)
+    return result

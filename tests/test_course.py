@@ -1,0 +1,60 @@
+"""Course integrity: the solutions earn full marks, the stubs earn nothing, every TODO region
+is needed, and every mutant (a plausible wrong solution) is caught by the hidden suite."""
+
+import pytest
+
+from autograder.manifest import REPO_ROOT, load_course
+from autograder.runner import grade
+from autograder.scoring import NOT_GRADED
+from tests.course_checks import (all_regions, apply_mutant, copy_solutions, failing_tests, load_mutants,
+                                 stub_one_region)
+
+COURSE = load_course()
+
+
+@pytest.mark.parametrize("unit_id", [u.id for u in COURSE.units])
+def test_solutions_score_full_marks(course, unit_id):
+    report = grade(course, REPO_ROOT / "solutions", [unit_id])
+    unit = report.units[0]
+    assert unit.error is None, unit.error
+    wrong = [f"{t.name}: {t.status}: {t.output}" for t in unit.tests if t.status not in ("passed", NOT_GRADED)]
+    assert not wrong, "the solution fails:\n" + "\n".join(wrong)
+    assert unit.score == pytest.approx(unit.max_score) and unit.max_score > 0
+    assert report.isolation in ("bwrap", "user"), f"grading ran without a sandbox: {report.isolation_note}"
+
+
+@pytest.mark.parametrize("unit_id", [u.id for u in COURSE.units])
+def test_stubs_score_zero_on_every_graded_test(course, unit_id):
+    unit = grade(course, REPO_ROOT / "exercises", [unit_id]).units[0]
+    assert unit.error is None, unit.error
+    passing = [t.name for t in unit.tests if t.status == "passed"]
+    assert not passing, f"these tests pass on the untouched stubs: {passing}"
+    assert unit.score == 0
+    unit_cfg = course.unit(unit_id)
+    tested = {t.group for t in unit.tests}
+    assert tested == {g.id for g in unit_cfg.groups}, "every course.yml group needs tests, and only those"
+
+
+@pytest.mark.parametrize("unit_id, name, index, owner", all_regions(COURSE),
+                         ids=[f"{u}-{n}-{o}" for u, n, _, o in all_regions(COURSE)])
+def test_every_todo_region_is_exercised(course, tmp_path, unit_id, name, index, owner):
+    root = copy_solutions(tmp_path)
+    unit = course.unit(unit_id)
+    file = root / unit.dir / name
+    file.write_text(stub_one_region(file.read_text(), index, name))
+    failed = failing_tests(course, root, unit_id)
+    assert failed, f"no test fails when only {owner} in {unit.dir}/{name} is left as a TODO"
+
+
+@pytest.mark.parametrize("unit_id, mutant", load_mutants(COURSE), ids=[m["name"] for _, m in load_mutants(COURSE)])
+def test_hidden_suite_catches_mutant(course, tmp_path, unit_id, mutant):
+    root = copy_solutions(tmp_path)
+    apply_mutant(root, course.unit(unit_id).dir, mutant)
+    failed = failing_tests(course, root, unit_id, visible=False)
+    assert failed, f"mutant {mutant['name']!r} survived the hidden suite of {unit_id}: {mutant['description']}"
+
+
+@pytest.mark.parametrize("unit_id", [u.id for u in COURSE.units])
+def test_enough_mutants(unit_id):
+    names = [m["name"] for u, m in load_mutants(COURSE) if u == unit_id]
+    assert len(names) >= 6 and len(set(names)) == len(names)
