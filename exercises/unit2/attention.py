@@ -48,7 +48,7 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     causal mask (both may be given: a key must pass both).  Fully-masked rows give zeros.
     Returns [..., n_q, d_v] in v's dtype; low-precision scores go through the softmax in float32.
     """
-    # TODO: scores = q @ k^T * (1 / sqrt(d)); combine mask and causal_mask; masked_softmax in at
+    # TODO: scores = (q / sqrt(d)) @ k^T; combine mask and causal_mask; masked_softmax in at
     # least float32; cast the weights to v's dtype; return weights @ v.
     # YOUR CODE HERE
     raise NotImplementedError("TODO: fill in scaled_dot_product_attention in exercises/unit2/attention.py")

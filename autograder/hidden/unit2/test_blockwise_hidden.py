@@ -91,7 +91,7 @@ def test_any_block_size(learner, torch_gen, block):
 @pytest.mark.group("blockwise")
 def test_forward_memory_is_blockwise(learner, torch_gen):
     blockwise = learner.module("blockwise")
-    n, block = 1024, 64
+    n, block = 512, 32
     q, k, v = _qkv(torch_gen, (1, 2), n, n, 16, dtype=torch.float32)
     largest, out = learner.harness("largest_allocation", blockwise.blockwise_attention, [q, k, v, True, block])
     full = 2 * n * n * 4  # the float32 score matrix of both heads
@@ -111,7 +111,7 @@ def test_forward_memory_is_blockwise(learner, torch_gen):
 @pytest.mark.parametrize("n_q,n_k,block,is_causal", [(5, 9, 4, False), (7, 7, 3, True), (9, 4, 3, True)])
 def test_gradcheck_float64(learner, torch_gen, n_q, n_k, block, is_causal):
     f = remote_differentiable(learner, learner.module("blockwise").memory_efficient_attention)
-    q, k, v = (t.requires_grad_() for t in _qkv(torch_gen, (2,), n_q, n_k, 4, 3))
+    q, k, v = (t.requires_grad_() for t in _qkv(torch_gen, (1,), n_q, n_k, 4, 3))
     ok = torch.autograd.gradcheck(lambda q, k, v: f(q, k, v, is_causal, block), (q, k, v), raise_exception=False)
     check(ok, f"gradcheck fails for memory_efficient_attention (float64, {n_q} queries, {n_k} keys, block_size={block}, "
               f"is_causal={is_causal}): check D = rowsum(dO * O), dS = P * (dP - D), and the 1/sqrt(d) in dQ and dK")
