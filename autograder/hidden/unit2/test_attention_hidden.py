@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -57,9 +57,11 @@ def _randn(gen, *shape, dtype=torch.float64):
 
 
 @pytest.mark.group("sdpa")
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), n_q=st.integers(1, 9), n_k=st.integers(1, 9),
-       d=st.sampled_from([1, 3, 8, 16]), d_v=st.integers(1, 6), kind=st.sampled_from(["none", "mask", "causal", "both"]),
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+          phases=[Phase.explicit, Phase.generate])  # no shrinking: each example costs round trips
+# Shrinking starts from the first option of each strategy: the first ones are the demanding cases.
+@given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), n_q=st.integers(2, 9), n_k=st.integers(2, 9),
+       d=st.sampled_from([8, 3, 16, 1]), d_v=st.integers(1, 6), kind=st.sampled_from(["both", "mask", "causal", "none"]),
        draw=st.integers(0, 2**16))
 def test_sdpa_against_math_backend(learner, seed, lead, n_q, n_k, d, d_v, kind, draw):
     attention = learner.module("attention")
