@@ -101,3 +101,40 @@ def call_stored(fn, args: list, kwargs: dict | None = None) -> Stored:
 def fetch(stored: Stored, index: Any = None) -> Any:
     """The stored value, or part of it, as plain data for the trusted side to check."""
     return stored.value if index is None else stored.value[index]
+
+
+def largest_allocation(fn, args: list, backward: bool = False):
+    """Bytes of the largest tensor storage any operator created during one call (and its backward
+    with a gradient of ones, if asked), and the output.  A device-independent stand-in for peak
+    memory: it shows whether an [n_q, n_k] score matrix was ever materialised, even on a CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.untyped_storage().nbytes())
+            return out
+
+    inputs = [_leaf(a, backward) for a in args]
+    with LargestOutput() as mode:
+        output = fn(*inputs)
+        if backward:
+            output.backward(torch.ones_like(output))
+    return mode.largest, output.detach()
+
+
+def sdpa_math_stored(q, k, v, is_causal: bool = False) -> Stored:
+    """torch's scaled_dot_product_attention pinned to the MATH backend, on stored inputs, output
+    kept here: the baseline that a learner's attention is timed against in the same run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        output = torch.nn.functional.scaled_dot_product_attention(_unwrap(q), _unwrap(k), _unwrap(v), is_causal=is_causal)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return Stored(output)
