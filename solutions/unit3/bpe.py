@@ -116,32 +116,32 @@ def learn_merges(word_counts: dict[bytes, int], n_merges: int) -> list[Pair]:
     merges: list[Pair] = []
     while len(merges) < n_merges and heap:
         neg_count, key = heapq.heappop(heap)
-        best = key.pair
-        if pair_counts.get(best, 0) != -neg_count or neg_count == 0:
-            continue  # an out-of-date entry: this pair's count changed after it was pushed
+        best, count = key.pair, pair_counts.get(key.pair, 0)
+        if count != -neg_count:
+            # Out of date: counts only ever fall for pairs already in the heap, so push it back
+            # with its true count and look again.
+            if count > 0:
+                heapq.heappush(heap, (-count, key))
+            continue
         merges.append(best)
         new = best[0] + best[1]
-        changed = set()
+        fresh = set()
         for i in where.pop(best):
             old = words[i]
             merged = merge_word(old, best, new)
-            if merged == old:
-                continue  # the index is allowed to be stale: this word lost the pair earlier
+            if len(merged) == len(old):
+                continue  # the index may be stale: this word lost the pair to an earlier merge
             freq = freqs[i]
             for pair in zip(old, old[1:]):
                 pair_counts[pair] -= freq
-                changed.add(pair)
             for pair in zip(merged, merged[1:]):
                 pair_counts[pair] += freq
-                where[pair].add(i)
-                changed.add(pair)
+                if new in pair:  # only pairs with the new token are new to this word
+                    where[pair].add(i)
+                    fresh.add(pair)
             words[i] = merged
-        for pair in changed:
-            count = pair_counts[pair]
-            if count > 0:
-                heapq.heappush(heap, (-count, _Greatest(pair)))
-            else:
-                del pair_counts[pair]
+        for pair in fresh:
+            heapq.heappush(heap, (-pair_counts[pair], _Greatest(pair)))
     return merges
     ### END SOLUTION
 

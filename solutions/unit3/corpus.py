@@ -46,12 +46,11 @@ _SCRIPTS = {
 _OPERATORS = ["==", "!=", "+=", "-=", "->", "<=", ">=", "**", "//", "and", "or", "+", "-", "*", "/", "%"]
 
 
-class _Writer:
-    """One generator's random state and lexicon."""
+class _Lexicon:
+    """The course's made-up language: the same for every seed, as English is the same in every book."""
 
-    def __init__(self, seed: int):
-        self.rng = random.Random(seed)
-        rng = self.rng
+    def __init__(self, seed: int = 2024):
+        rng = random.Random(seed)
         made = set()
         while len(made) < 2500:
             syllables = rng.choice([1, 1, 2, 2, 2, 3, 3, 4])
@@ -63,6 +62,17 @@ class _Writer:
         self.cum = list(itertools.accumulate(1.0 / (k + 1) ** 1.05 for k in range(len(self.words))))
         self.script_words = {name: ["".join(rng.choice(chars) for _ in range(rng.randint(1, 6))) for _ in range(60)]
                              for name, chars in _SCRIPTS.items()}
+
+
+_LEXICON = _Lexicon()
+
+
+class _Writer:
+    """One corpus's random state; seeds change which documents are drawn, not the language."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+        self.words, self.cum, self.script_words = _LEXICON.words, _LEXICON.cum, _LEXICON.script_words
 
     def some_words(self, k: int) -> list[str]:
         return self.rng.choices(self.words, cum_weights=self.cum, k=k)
