@@ -100,7 +100,8 @@ def learn_merges(word_counts: dict[bytes, int], n_merges: int) -> list[Pair]:
     #       pair_counts[p] = sum of freqs over occurrences of p; where[p] = {i: word i contains p}.
     #       Each step: best = the pair of largest (count, pair); for each word i in where[best]:
     #       subtract the counts of its old pairs, merge_word, add the counts (and where) of its new pairs.
-    #       A heap of (-count, _Greatest(pair)) finds best fast; skip entries whose count is out of date.
+    #       A heap of (-count, _Greatest(pair)) finds best fast; an entry whose count is out of date is pushed
+    #       back with the true count.
     ### BEGIN SOLUTION
     words = [tuple(bytes([b]) for b in pretoken) for pretoken in word_counts]
     freqs = list(word_counts.values())
@@ -244,9 +245,9 @@ class Tokenizer:
 
     def _stable_prefix(self, buffer: str) -> int:
         """Length of the longest prefix of ``buffer`` whose ids no text appended later can change."""
-        # TODO: hold back (1) the longest suffix of buffer that is a proper prefix of a special token (it may
-        #       become one), and (2) the last pre-token of what remains (more text may extend it). Return
-        #       the start of what is held back.
+        # TODO: hold back (1) the longest end of buffer that is a proper prefix of a special token (it may become
+        #       one), (2) the last two pre-tokens of the text after the last special token, (3) whitespace just
+        #       before the cut. Return the cut: the start of what is held back.
         ### BEGIN SOLUTION
         hold = len(buffer)
         longest = max((len(token) for token in self.special_tokens), default=0)
