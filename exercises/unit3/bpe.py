@@ -105,7 +105,7 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str]) -> tu
 class Tokenizer:
     """Encodes text to ids and back with a trained vocabulary and merges."""
 
-    CACHE_LIMIT = 50_000  # pre-tokens remembered by encode(); bounded so that streaming stays flat
+    CACHE_LIMIT = 10_000  # pre-tokens remembered by encode(); bounded so that streaming stays flat
 
     def __init__(self, vocab: dict[int, bytes], merges: list[Pair], special_tokens: list[str] | None = None):
         self.vocab = dict(vocab)

@@ -179,7 +179,7 @@ def train_bpe(input_path: str, vocab_size: int, special_tokens: list[str]) -> tu
 class Tokenizer:
     """Encodes text to ids and back with a trained vocabulary and merges."""
 
-    CACHE_LIMIT = 50_000  # pre-tokens remembered by encode(); bounded so that streaming stays flat
+    CACHE_LIMIT = 10_000  # pre-tokens remembered by encode(); bounded so that streaming stays flat
 
     def __init__(self, vocab: dict[int, bytes], merges: list[Pair], special_tokens: list[str] | None = None):
         self.vocab = dict(vocab)
@@ -256,6 +256,12 @@ class Tokenizer:
             if any(token.startswith(tail) and token != tail for token in self.special_tokens):
                 hold = len(buffer) - k
                 break
+        position = 0
+        for piece in split_on_special(buffer, self.special_tokens):
+            if piece in self.special_ids and position < hold < position + len(piece):
+                hold = position  # never cut through a whole special token ("<|a|>" + "<|a|>" may be one)
+                break
+            position += len(piece)
         head = buffer[:hold]
         pieces = split_on_special(head, self.special_tokens)
         if not pieces or pieces[-1] in self.special_ids:
