@@ -1,0 +1,108 @@
+"""Visible tests for Parts B and C (encode, decode, save/load, encode_iterable).
+Run: pytest exercises/unit3/test_tokenizer.py"""
+
+import pytest
+import tiktoken
+
+from autograder.checks import check
+
+EOT = "<|endoftext|>"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# Merges a trainer learned on a few sentences about cats and hats (each joins two tokens that exist by then).
+MERGES = [(b"a", b"t"), (b"h", b"e"), (b"t", b"he"), (b" ", b"the"), (b"0", b"0"), (b" ", b"c"), (b"h", b"at"),
+          (b" c", b"at"), (b" ", b"i"), (b" ", b"hat"), (b"s", b"at"), (b"o", b"n"), (b"T", b"he"), (b"00", b"0"),
+          (b" i", b"n"), (b" ", b"sat"), (b" ", b"on"), (b" ", b"The"), (b"\xc3", b"\xa9"), (b"f", b"\xc3\xa9"),
+          (b"a", b"f\xc3\xa9"), (b"\n", b"\n"), (b"m", b"at"), (b" i", b"s")]
+
+
+def make_vocab(merges, specials):
+    vocab = {i: bytes([i]) for i in range(256)}
+    for token in specials:
+        vocab[len(vocab)] = token.encode()
+    for left, right in merges:
+        vocab[len(vocab)] = left + right
+    return vocab
+
+
+def oracle(merges, specials):
+    """tiktoken built from the same merges: rank = id, so merge order decides."""
+    vocab = make_vocab(merges, specials)
+    special_ids = {token: 256 + k for k, token in enumerate(specials)}
+    ranks = {token: i for i, token in vocab.items() if i not in special_ids.values()}
+    return tiktoken.Encoding(name="unit3-oracle", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special_ids)
+
+
+def tokenizer(learner, merges=MERGES, specials=(EOT,)):
+    return learner.module("bpe").Tokenizer(make_vocab(merges, list(specials)), merges, list(specials))
+
+
+TEXT = f"The cat in the hat sat on the mat.\n\nThe café at 1000 Main St  is open!{EOT}the end  \n"
+
+
+@pytest.mark.group("encode")
+def test_encode_matches_tiktoken(learner):
+    ids = tokenizer(learner).encode(TEXT)
+    expected = oracle(MERGES, [EOT]).encode(TEXT, allowed_special="all")
+    check(ids == expected, f"encode({TEXT!r}):\n got      {ids}\n expected {expected}")
+
+
+@pytest.mark.group("encode")
+def test_merges_apply_by_rank_not_position(learner):
+    merges = [(b"b", b"c"), (b"a", b"b")]
+    ids = tokenizer(learner, merges, []).encode("ababc")
+    expected = oracle(merges, []).encode("ababc")  # a, b, a, bc -> ab, a, bc
+    check(ids == expected, f"encode('ababc') with merges [(b, c), (a, b)] gave {ids}, expected {expected}: apply the "
+          "merge of lowest rank (learned first) wherever it occurs, then the next; not left to right, not by count")
+
+
+@pytest.mark.group("encode")
+def test_special_tokens_are_never_split(learner):
+    tok = tokenizer(learner)
+    ids = tok.encode(f"{EOT}{EOT}x{EOT}")
+    check(ids == [256, 256, ord("x"), 256], f"encode('<|endoftext|><|endoftext|>x<|endoftext|>') gave {ids}; "
+          "each special token is one id (256), never split or merged with its neighbours")
+
+
+@pytest.mark.group("decode")
+def test_decode_round_trip(learner):
+    tok = tokenizer(learner)
+    text = learner.module("corpus").generate(3000, 1)
+    check(tok.decode(tok.encode(text)) == text, "decode(encode(text)) != text on a generated corpus")
+
+
+@pytest.mark.group("decode")
+def test_decode_invalid_utf8_gives_replacement_character(learner):
+    tok = tokenizer(learner)
+    got = tok.decode([0xC3, ord("x"), 0xFF])
+    check(got == "\ufffdx\ufffd", f"decode([0xC3, 'x', 0xFF]) gave {got!r}; bytes that are not valid UTF-8 "
+          "decode to U+FFFD: .decode('utf-8', errors='replace')")
+
+
+@pytest.mark.group("decode")
+def test_save_and_load(learner):
+    tok = tokenizer(learner)
+    corpus = learner.module("corpus")
+    path = corpus.write_temp("")
+    tok.save(path)
+    loaded = learner.module("bpe").Tokenizer.load(path)
+    check(loaded.encode(TEXT) == tok.encode(TEXT), "Tokenizer.load(path) after save(path) encodes differently")
+    check(loaded.vocab == tok.vocab, "the loaded vocab differs from the saved one")
+
+
+@pytest.mark.group("stream")
+def test_encode_iterable_equals_encode(learner):
+    tok = tokenizer(learner)
+    chunks = [TEXT[i : i + 3] for i in range(0, len(TEXT), 3)]  # cuts through words, spaces and <|endoftext|>
+    got = learner.lib("builtins").list(tok.encode_iterable(chunks))
+    check(got == tok.encode(TEXT), "encode_iterable over 3-character chunks differs from encode of the whole text: "
+          "a chunk boundary is not a pre-token boundary; hold back the end of the buffer until more text comes")
+
+
+@pytest.mark.group("stream")
+def test_encode_iterable_is_lazy(learner):
+    tok = tokenizer(learner)
+    lines = [f"the cat number {i} sat on the hat\n" for i in range(200)]
+    ids, pulled = learner.module("corpus").first_ids_pulled(tok.encode_iterable, lines, 5)
+    check(len(ids) == 5 and pulled < 10, f"encode_iterable read {pulled} of 200 lines before its first 5 ids: "
+          "it must be a generator that yields ids as it reads (bounded memory), not one that reads everything first")
