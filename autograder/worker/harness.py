@@ -101,3 +101,9 @@ def call_stored(fn, args: list, kwargs: dict | None = None) -> Stored:
 def fetch(stored: Stored, index: Any = None) -> Any:
     """The stored value, or part of it, as plain data for the trusted side to check."""
     return stored.value if index is None else stored.value[index]
+
+
+def data_ptrs(obj, names: list[str]) -> dict:
+    """Storage addresses of tensor attributes of a learner object (is a buffer preallocated and
+    reused, or reallocated?).  Read here, on the learner's side: a tensor sent back is a copy."""
+    return {name: int(getattr(obj, name).data_ptr()) for name in names}

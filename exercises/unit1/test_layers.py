@@ -21,7 +21,7 @@ def test_linear_backward_matches_finite_differences(learner):
     grads = layer.grads
     W, b = params["W"], params["b"]
     assert_close(dx, numerical_gradient(lambda v: float(np.sum((v @ W + b) * dout)), x), rtol=1e-5, atol=1e-7,
-                 call="Linear.backward(dout[4,2]) -> dx", mistakes={"dx = dout @ W.T": dout @ W.T})
+                 call="Linear.backward(dout[4,2]) -> dx", hint="dx = dout @ W.T, of shape [N, d_in] like x")
     assert_close(grads["W"], x.T @ dout, call="Linear.grads['W']",
                  mistakes={"sum over the batch; do not average": x.T @ dout / 4})
     assert_close(grads["b"], dout.sum(axis=0), call="Linear.grads['b']")
