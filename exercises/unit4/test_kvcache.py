@@ -38,7 +38,8 @@ def hf_model(state: dict, dtype=torch.float64, cfg=CFG):
     """Hugging Face GPT2LMHeadModel with the same weights (Conv1D stores [in, out]: transposed)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(**cfg, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new")
+    config = GPT2Config(**cfg, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
+                        bos_token_id=None, eos_token_id=None)  # no end-of-text token: generate never stops early
     hf = GPT2LMHeadModel(config).to(dtype).eval()  # the dtype first: loading float64 into float32 rounds
     hf.load_state_dict({k: (v.t() if k.endswith(CONV1D) else v).to(dtype) for k, v in state.items()}, strict=False)
     return hf
