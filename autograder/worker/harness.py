@@ -138,3 +138,7 @@ def sdpa_math_stored(q, k, v, is_causal: bool = False) -> Stored:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return Stored(output)
+def data_ptrs(obj, names: list[str]) -> dict:
+    """Storage addresses of tensor attributes of a learner object (is a buffer preallocated and
+    reused, or reallocated?).  Read here, on the learner's side: a tensor sent back is a copy."""
+    return {name: int(getattr(obj, name).data_ptr()) for name in names}

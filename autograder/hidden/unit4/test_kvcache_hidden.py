@@ -1,0 +1,227 @@
+"""Hidden tests, Part A and the oracle: the KVCache contract (random append sequences, overflow,
+reset, size, storage allocated once), chunked prefill and decode against the full model, the causal
+mask, and logits and greedy continuations against Hugging Face GPT2LMHeadModel."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autograder.checks import assert_close, check
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def config(rng) -> dict:
+    n_head = int(rng.choice([2, 4]))
+    return dict(vocab_size=int(rng.integers(50, 120)), n_positions=64, n_embd=8 * n_head,
+                n_layer=int(rng.integers(1, 4)), n_head=n_head)
+
+
+def sharp_weights(shapes: dict, gen: torch.Generator) -> dict:
+    """Random weights larger than GPT-2's init: positions and every token matter, and greedy
+    continuations do not collapse into one repeated token."""
+    state = {}
+    for name, shape in shapes.items():
+        if "ln" in name and name.endswith("weight"):
+            state[name] = 1 + 0.2 * torch.randn(shape, generator=gen)
+        else:
+            state[name] = (0.3 if len(shape) > 1 else 0.1) * torch.randn(shape, generator=gen)
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied, as in GPT-2
+    return state
+
+
+def course_model(learner, cfg: dict, seed: int, dtype=torch.float64):
+    gpt = learner.module("common.gpt")
+    model = gpt.GPT(gpt.GPTConfig(**cfg))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = sharp_weights(shapes, torch.Generator().manual_seed(seed))
+    model.load_state_dict(state)
+    return model.to(dtype).eval(), state
+
+
+def hf_model(cfg: dict, state: dict, dtype=torch.float64):
+    """The oracle: Hugging Face GPT-2 with the same weights (its Conv1D stores [in, out])."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(**cfg, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    activation_function="gelu_new", bos_token_id=None, eos_token_id=None))
+    hf = hf.to(dtype).eval()  # the dtype first: loading float64 weights into float32 ones rounds them
+    missing, _ = hf.load_state_dict({k: (v.t() if k.endswith(CONV1D) else v).to(dtype) for k, v in state.items()},
+                                    strict=False)
+    assert not [k for k in missing if not k.endswith("attn.bias")], missing
+    return hf
+
+
+def hf_logits(hf, idx: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+def split_points(rng, total: int) -> list[int]:
+    """A prefill, then chunks of 1 (decode) mixed with a few longer chunks (chunked prefill)."""
+    first = int(rng.integers(1, total - 3))
+    sizes, left = [first], total - first
+    while left:
+        size = int(min(left, rng.choice([1, 1, 1, 2, 3])))
+        sizes.append(size)
+        left -= size
+    return sizes
+
+
+# --- the cache itself -----------------------------------------------------------------------------
+
+@pytest.mark.group("cache")
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(chunks=st.lists(st.integers(1, 4), min_size=1, max_size=5), n_layer=st.integers(1, 3),
+       batch=st.integers(1, 3), spare=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+def test_append_sequences(learner, chunks, n_layer, batch, spare, seed):
+    kv = learner.module("kvcache")
+    n_head, head_dim, max_len = 2, 4, sum(chunks) + spare
+    cache = kv.KVCache(n_layer, batch, n_head, max_len, head_dim, torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    history = [[torch.empty(batch, n_head, 0, head_dim)] * 2 for _ in range(n_layer)]
+    start = 0
+    for t in chunks:
+        for layer in range(n_layer):
+            k, v = torch.randn(batch, n_head, t, head_dim, generator=gen), torch.randn(batch, n_head, t, head_dim, generator=gen)
+            history[layer] = [torch.cat([history[layer][0], k], 2), torch.cat([history[layer][1], v], 2)]
+            keys, values = cache.append(layer, k, v)
+            call = f"KVCache(max_len {max_len}): append(layer {layer}, k[{batch},{n_head},{t},{head_dim}]) at length {start}"
+            assert_close(keys, history[layer][0], rtol=0, atol=0, call=f"{call} -> keys",
+                         hint="write at slots length .. length+t-1 of THIS layer and return slots 0 .. length+t-1")
+            assert_close(values, history[layer][1], rtol=0, atol=0, call=f"{call} -> values")
+        cache.advance(t)
+        start += t
+        check(cache.length == start, f"after advance({t}) length is {cache.length}; expected {start}")
+    stored = cache.k
+    check(tuple(stored.shape) == (n_layer, batch, n_head, max_len, head_dim),
+          f"cache.k has shape {tuple(stored.shape)} after appends; the storage is preallocated once: "
+          f"{(n_layer, batch, n_head, max_len, head_dim)}")
+    for layer in range(n_layer):
+        assert_close(stored[layer, :, :, :start], history[layer][0], rtol=0, atol=0,
+                     call=f"cache.k[{layer}] slots 0..{start - 1} after {chunks} appended")
+
+
+@pytest.mark.group("cache")
+def test_overflow_raises_and_reset_starts_over(learner, torch_gen):
+    kv = learner.module("kvcache")
+    cache = kv.KVCache(1, 2, 2, 5, 4, torch.float64, "cpu")
+    a = torch.randn(2, 2, 4, 4, generator=torch_gen, dtype=torch.float64)
+    cache.append(0, a, a)
+    cache.advance(4)
+    with pytest.raises(ValueError):
+        cache.append(0, a[:, :, :2], a[:, :, :2])  # 4 + 2 > max_len 5
+    cache.reset()
+    check(cache.length == 0, f"after reset() length is {cache.length}")
+    b = torch.randn(2, 2, 2, 4, generator=torch_gen, dtype=torch.float64)
+    keys, values = cache.append(0, b, -b)
+    assert_close(keys, b, rtol=0, atol=0, call="append of 2 tokens after reset() -> keys",
+                 hint="after reset the cache is empty: write at slot 0 and return only the new keys")
+    assert_close(values, -b, rtol=0, atol=0, call="append after reset() -> values")
+
+
+@pytest.mark.group("cache")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_nbytes(learner, rng, dtype):
+    kv = learner.module("kvcache")
+    n_layer, batch, n_head, max_len, head_dim = (int(x) for x in rng.integers(1, 6, size=5))
+    cache = kv.KVCache(n_layer, batch, n_head, max_len, head_dim, dtype, "cpu")
+    size = torch.tensor([], dtype=dtype).element_size()
+    expected = 2 * n_layer * batch * n_head * max_len * head_dim * size
+    got = cache.nbytes()
+    check(got == expected, f"KVCache({n_layer}, {batch}, {n_head}, {max_len}, {head_dim}, {dtype}).nbytes() is {got}; "
+                           f"keys and values: 2 * {n_layer}*{batch}*{n_head}*{max_len}*{head_dim} * {size} bytes = {expected}")
+    check(cache.k.dtype == dtype, f"the cache stores {cache.k.dtype}; it was asked for {dtype}")
+
+
+@pytest.mark.group("cache")
+def test_storage_is_allocated_once(learner, torch_gen):
+    kv = learner.module("kvcache")
+    cache = kv.KVCache(2, 1, 2, 8, 4, torch.float32, "cpu")
+    before = learner.harness("data_ptrs", cache, ["k", "v"])
+    for t in (3, 1, 1, 2):
+        x = torch.randn(1, 2, t, 4, generator=torch_gen)
+        cache.append(0, x, x)
+        cache.append(1, x, x)
+        cache.advance(t)
+    cache.reset()
+    after = learner.harness("data_ptrs", cache, ["k", "v"])
+    check(before == after, "cache.k / cache.v moved to new memory during append/advance/reset; preallocate them once "
+                           "and write into slices (no torch.cat, no new tensors): a static cache is what CUDA graphs need")
+
+
+# --- attention and forward over the cache -----------------------------------------------------
+
+@pytest.mark.group("cached_forward")
+def test_causal_mask(learner, rng):
+    kv = learner.module("kvcache")
+    for start, t in [(0, int(rng.integers(2, 7))), (int(rng.integers(1, 9)), 1), (int(rng.integers(1, 9)), int(rng.integers(2, 5)))]:
+        expected = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
+        got = kv.causal_mask(start, t)
+        check(isinstance(got, torch.Tensor) and got.dtype == torch.bool and torch.equal(got, expected),
+              f"causal_mask(start={start}, t={t}) gave {got}; expected {expected.int().tolist()} "
+              "(query i sits at position start+i and sees keys 0..start+i)")
+
+
+@pytest.mark.group("cached_forward")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_forward_matches_full_model(learner, rng, seed, dtype):
+    kv = learner.module("kvcache")
+    cfg = config(rng)
+    model, _ = course_model(learner, cfg, seed, dtype)
+    batch, total = int(rng.integers(1, 4)), int(rng.integers(8, 24))
+    idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, total)))
+    full = model(idx)
+    cache = kv.KVCache.for_model(model, batch, total + int(rng.integers(0, 4)))
+    # float64: the two orders of computation agree to ~1e-14.  float32: dot products of 8-16 terms and
+    # softmax sums over <= 24 keys, summed in another order: ~1e-6 relative, logits of size ~10.
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    start = 0
+    for t in split_points(rng, total):
+        logits = kv.forward_with_cache(model, idx[:, start:start + t], cache)
+        kind = "prefill" if start == 0 else ("decode step" if t == 1 else "chunk")
+        assert_close(logits, full[:, start:start + t], call=f"forward_with_cache({kind} of tokens {start}..{start + t - 1}, "
+                     f"batch {batch}, {cfg['n_layer']} layers, {str(dtype)[6:]})",
+                     hint="queries at positions start..start+t-1 (advance the offset), keys over the filled prefix only, "
+                          "and the causal mask for every chunk longer than one token", **tol)
+        start += t
+        check(cache.length == start, f"after {start} tokens cache.length is {cache.length}: forward_with_cache advances it "
+                                     "by t, once per call (not once per layer)")
+
+
+# --- the oracle ---------------------------------------------------------------------------------
+
+@pytest.mark.group("hf_oracle")
+def test_logits_match_hugging_face(learner, rng, seed):
+    kv = learner.module("kvcache")
+    cfg = config(rng)
+    model, state = course_model(learner, cfg, seed)
+    hf = hf_model(cfg, state)
+    batch, total = int(rng.integers(1, 3)), int(rng.integers(6, 16))
+    idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, total)))
+    expected = hf_logits(hf, idx)
+    cache = kv.KVCache.for_model(model, batch, total)
+    prompt = total - 4
+    got = [kv.forward_with_cache(model, idx[:, :prompt], cache)]
+    got += [kv.forward_with_cache(model, idx[:, i:i + 1], cache) for i in range(prompt, total)]
+    # float64 on both sides, the same operations: agreement to rounding (~1e-13 on logits of ~10).
+    assert_close(torch.cat(got, dim=1), expected, rtol=1e-9, atol=1e-9,
+                 call=f"prefill of {prompt} tokens then 4 decode steps, batch {batch}, vs GPT2LMHeadModel(same weights)")
+
+
+@pytest.mark.group("hf_oracle")
+def test_greedy_continuation_matches_hugging_face(learner, rng, seed):
+    gen = learner.module("generate")
+    cfg = config(rng)
+    model, state = course_model(learner, cfg, seed)
+    hf = hf_model(cfg, state)
+    batch, prompt, new = int(rng.integers(1, 4)), int(rng.integers(1, 10)), int(rng.integers(10, 30))
+    idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, prompt)))
+    ours = gen.generate(model, idx, new, use_cache=True)
+    with torch.no_grad():
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False,
+                             use_cache=True, pad_token_id=0)
+    check(isinstance(ours, torch.Tensor) and torch.equal(ours, theirs),
+          f"greedy generate(prompt [{batch},{prompt}], {new} new, use_cache=True) differs from Hugging Face "
+          f"GPT-2 with the same weights:\n  yours {ours.tolist() if isinstance(ours, torch.Tensor) else ours}\n  HF    {theirs.tolist()}")

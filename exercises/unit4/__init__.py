@@ -1,0 +1,1 @@
+"""Unit 4: the KV-cache (incremental decoding that matches the full model, and is fast)."""

@@ -1,0 +1,101 @@
+"""Visible tests for Part A (and the Hugging Face oracle). Run: pytest exercises/unit4/test_kvcache.py"""
+
+import pytest
+import torch
+
+from autograder.checks import assert_close, check
+
+CFG = dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def sharp_weights(shapes: dict, gen: torch.Generator) -> dict:
+    """Random weights, larger than GPT-2's init, so that positions and every token matter and
+    greedy continuations do not collapse into one repeated token."""
+    state = {}
+    for name, shape in shapes.items():
+        if name == "lm_head.weight":
+            continue
+        if "ln" in name and name.endswith("weight"):
+            state[name] = 1 + 0.2 * torch.randn(shape, generator=gen)
+        else:
+            state[name] = (0.3 if len(shape) > 1 else 0.1) * torch.randn(shape, generator=gen)
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # tied, as in GPT-2
+    return state
+
+
+def course_model(learner, seed: int, dtype=torch.float64, cfg=CFG):
+    """The course GPT, built on the learner's side with weights chosen here; returns (model, state)."""
+    gpt = learner.module("common.gpt")
+    model = gpt.GPT(gpt.GPTConfig(**cfg))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = sharp_weights(shapes, torch.Generator().manual_seed(seed))
+    model.load_state_dict(state)
+    return model.to(dtype).eval(), state
+
+
+def hf_model(state: dict, dtype=torch.float64, cfg=CFG):
+    """Hugging Face GPT2LMHeadModel with the same weights (Conv1D stores [in, out]: transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(**cfg, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
+                        bos_token_id=None, eos_token_id=None)  # no end-of-text token: generate never stops early
+    hf = GPT2LMHeadModel(config).to(dtype).eval()  # the dtype first: loading float64 into float32 rounds
+    hf.load_state_dict({k: (v.t() if k.endswith(CONV1D) else v).to(dtype) for k, v in state.items()}, strict=False)
+    return hf
+
+
+@pytest.mark.group("cache")
+def test_cache_append_length_reset_nbytes(learner):
+    kv = learner.module("kvcache")
+    cache = kv.KVCache(2, 3, 4, 10, 8, torch.float32, "cpu")
+    check(tuple(cache.k.shape) == (2, 3, 4, 10, 8) and cache.length == 0,
+          f"KVCache(2 layers, batch 3, 4 heads, max_len 10, head_dim 8): k has shape {tuple(cache.k.shape)} "
+          f"and length {cache.length}; expected (2, 3, 4, 10, 8) and 0")
+    g = torch.Generator().manual_seed(0)
+    k1, v1 = torch.randn(3, 4, 6, 8, generator=g), torch.randn(3, 4, 6, 8, generator=g)
+    keys, values = cache.append(1, k1, v1)
+    assert_close(keys, k1, rtol=0, atol=0, call="append(layer 1, k[3,4,6,8]) on an empty cache -> keys")
+    assert_close(values, v1, rtol=0, atol=0, call="append(layer 1, ...) -> values")
+    cache.advance(6)
+    k2, v2 = torch.randn(3, 4, 1, 8, generator=g), torch.randn(3, 4, 1, 8, generator=g)
+    keys, _ = cache.append(1, k2, v2)
+    assert_close(keys, torch.cat([k1, k2], dim=2), rtol=0, atol=0, call="append of 1 token after 6 -> keys",
+                 hint="write the new keys at slots length .. length+t-1 and return slots 0 .. length+t-1")
+    check(cache.length == 6, f"append must not move length (advance does); length is {cache.length}, expected 6")
+    cache.reset()
+    check(cache.length == 0, "after reset() length must be 0")
+    check(cache.nbytes() == 2 * 2 * 3 * 4 * 10 * 8 * 4,
+          f"nbytes() is {cache.nbytes()}; keys and values, float32: 2 * 2*3*4*10*8 * 4 = {2 * 2 * 3 * 4 * 10 * 8 * 4}")
+
+
+@pytest.mark.group("cached_forward")
+def test_prefill_then_decode_matches_full_model(learner):
+    kv = learner.module("kvcache")
+    model, state = course_model(learner, 0)
+    idx = torch.randint(0, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    full = model(idx)
+    cache = kv.KVCache.for_model(model, 2, 9)
+    prefill = kv.forward_with_cache(model, idx[:, :5], cache)
+    # float64 throughout: the cached and the full computation differ only by rounding (~1e-15).
+    assert_close(prefill, full[:, :5], rtol=1e-9, atol=1e-9, call="forward_with_cache(prefill of 5 tokens)",
+                 hint="in the prefill, query i may look only at keys 0..i: the causal mask is still needed")
+    for i in range(5, 9):
+        step = kv.forward_with_cache(model, idx[:, i:i + 1], cache)
+        assert_close(step, full[:, i:i + 1], rtol=1e-9, atol=1e-9, call=f"forward_with_cache(token {i}) after {i} cached",
+                     hint="the new token sits at position cache.length, not 0: advance the position offset")
+    check(cache.length == 9, f"after 9 tokens cache.length is {cache.length}")
+
+
+@pytest.mark.group("hf_oracle")
+def test_same_logits_and_greedy_tokens_as_hugging_face(learner):
+    gen = learner.module("generate")
+    model, state = course_model(learner, 2)
+    hf = hf_model(state)
+    idx = torch.randint(0, CFG["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(3))
+    ours = gen.generate(model, idx, 12, use_cache=True)
+    with torch.no_grad():
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=12, do_sample=False,
+                             use_cache=True, pad_token_id=0)
+    check(torch.equal(ours, theirs), f"greedy generate(use_cache=True) gave {ours.tolist()};\n"
+                                     f"Hugging Face GPT-2 with the same weights gives {theirs.tolist()}")
