@@ -40,9 +40,15 @@ def test_round_trip_reproduces_outputs_exactly(learner, seed, torch_gen):
     learner.lib("torch").manual_seed(seed + 1)  # the fresh adapters start from other random values
     lora.inject_lora(fresh, ["c_attn", "c_fc"], 4, 8.0)
     lora.load_lora_state_dict(fresh, state)
+    # The adapters arrive bit for bit...
+    reloaded = lora.lora_state_dict(fresh)
+    for key, value in adapters.items():
+        assert_close(reloaded.get(key), value, rtol=0, atol=0, call=f"{key} after load_lora_state_dict",
+                     hint="copy every saved tensor into its lora_A / lora_B parameter, in place")
+    # ...and so do the outputs, up to float32 kernels that pick alignment-dependent SIMD paths in
+    # two separately allocated models (seen: 1e-5 absolute on logits of size ~1).
     ids = torch.randint(vocab, (3, 10), generator=torch_gen)
-    # Same weights, same code, same inputs: bit for bit the same logits.
-    assert_close(fresh(ids).logits, theirs(ids).logits, rtol=0, atol=0,
+    assert_close(fresh(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4,
                  call="a fresh model after inject_lora + load_lora_state_dict(lora_state_dict(trained))",
                  hint="load every saved tensor into its lora_A / lora_B parameter, in place")
     summary = learner.harness("parameter_summary", fresh)
