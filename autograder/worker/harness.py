@@ -142,3 +142,30 @@ def data_ptrs(obj, names: list[str]) -> dict:
     """Storage addresses of tensor attributes of a learner object (is a buffer preallocated and
     reused, or reallocated?).  Read here, on the learner's side: a tensor sent back is a copy."""
     return {name: int(getattr(obj, name).data_ptr()) for name in names}
+def parameter_summary(module) -> dict:
+    """{parameter name: [numel, requires_grad]} of a module, each shared tensor once
+    (``requires_grad`` does not survive the trip across as a tensor copy)."""
+    return {name: [p.numel(), bool(p.requires_grad)] for name, p in module.named_parameters()}
+
+
+def cuda_training_peak_memory(model, input_ids: torch.Tensor, steps: int = 2, lr: float = 1e-4):
+    """Peak CUDA memory (bytes above what was allocated before) of ``steps`` AdamW steps on the
+    model's trainable parameters: gradients, optimizer state and activations; and the last loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    loss = None
+    for _ in range(steps):
+        out = model(input_ids)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        loss = logits.float().logsumexp(-1).mean()  # any scalar that depends on every logit
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del optimizer
+    return peak, float(loss)

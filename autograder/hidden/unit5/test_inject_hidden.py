@@ -1,0 +1,117 @@
+"""Hidden tests, Part B: target matching against peft's own rule, inject_lora on GPT-2 (Conv1D)
+and Llama (nn.Linear) against peft.get_peft_model with the same adapters, freezing, parameter counts."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from autograder.checks import assert_close, check
+
+from ._models import build_pair, peft_model, random_adapters, trainable_names
+
+PARTS = ["h", "0", "1", "attn", "c_attn", "c_attn_extra", "xc_attn", "mlp", "c_proj", "q_proj", "proj", "layers"]
+REGEXES = ["c_attn", r".*\.c_attn", r".*attn.*", r"h\.0\..*proj", r".*(q|c)_proj", r"attn", r".*\.\d\.attn"]
+
+
+@pytest.mark.group("inject")
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(PARTS), min_size=1, max_size=4),
+       targets=st.one_of(st.lists(st.sampled_from(PARTS + ["0.attn", "attn.c_attn"]), min_size=1, max_size=3),
+                         st.sampled_from(REGEXES)))
+def test_target_matches_like_peft(learner, parts, targets):
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    name = ".".join(parts)
+    want = bool(check_target_module_exists(LoraConfig(target_modules=targets), name))
+    got = learner.module("lora").target_matches(name, targets)
+    check(isinstance(got, bool), f"target_matches should return a bool, not {type(got).__name__}")
+    rule = ("a string is a regular expression that must match the WHOLE name (re.fullmatch)" if isinstance(targets, str)
+            else "a list entry matches a name equal to it or ending in '.' + entry, never a mere substring")
+    check(got == want, f"target_matches({name!r}, {targets!r}) returned {got}; peft says {want}: {rule}")
+
+
+CASES = [
+    ("gpt2", ["c_attn", "c_proj"], True, False),
+    ("gpt2", r"transformer\.h\.\d+\.(attn\.c_attn|mlp\.c_fc)", True, True),
+    ("llama", ["q_proj", "v_proj", "down_proj"], False, False),
+    ("llama", r".*\.self_attn\.(k|o)_proj", False, True),
+]
+
+
+@pytest.mark.group("inject")
+@pytest.mark.parametrize("arch,targets,fan_in_fan_out,rslora", CASES, ids=["gpt2-list", "gpt2-regex-rslora", "llama-list", "llama-regex-rslora"])
+def test_inject_matches_peft(learner, rng, torch_gen, seed, arch, targets, fan_in_fan_out, rslora):
+    lora = learner.module("lora")
+    trusted, theirs, vocab = build_pair(learner, arch, seed)
+    r, alpha = int(rng.choice([2, 4, 8])), float(rng.integers(1, 33))
+    returned = lora.inject_lora(theirs, targets, r, alpha, 0.0, rslora)
+    check(returned is not None, "inject_lora should return the model it changed in place")
+    oracle = peft_model(trusted, targets, r, alpha, fan_in_fan_out, rslora)
+    adapters = random_adapters(oracle, torch_gen)
+    result = theirs.load_state_dict(adapters, strict=False)
+    unexpected = list(result.unexpected_keys)
+    call = f"inject_lora({arch}, {targets!r}, r={r}, alpha={alpha:g}, use_rslora={rslora})"
+    check(not unexpected, f"{call}: peft adapts {sorted({k.rsplit('.', 1)[0] for k in adapters})}, but your model has no "
+                          f"LoRA parameters {unexpected[:3]}...: check which modules you replace")
+
+    want_trainable, _ = oracle.get_nb_trainable_parameters()
+    mine = trainable_names(learner, theirs)
+    check(set(mine) == set(adapters), f"{call}: the trainable parameters should be exactly the adapters {sorted(adapters)[:4]}...; "
+                                      f"yours are {sorted(mine)[:4]}... ({len(mine)} tensors)"
+                                      + (" (freeze every base parameter)" if len(mine) > len(adapters) else ""))
+    check(sum(mine.values()) == want_trainable, f"{call}: {sum(mine.values())} trainable parameters; peft has {want_trainable}")
+
+    ids = torch.randint(vocab, (2, 12), generator=torch_gen)
+    with torch.no_grad():
+        want = oracle(input_ids=ids).logits
+    # float32 with the same weights: only matmul association order may differ (~1e-6 of the logits).
+    assert_close(theirs(ids).logits, want, rtol=1e-4, atol=1e-5, call=f"{call}: logits on ids[2,12]",
+                 hint="forward is base(x) + B(A(x)) * scaling with A and B as loaded; "
+                      + ("GPT-2's Conv1D computes x @ W + b with W [d_in, d_out]" if arch == "gpt2" else ""))
+
+
+@pytest.mark.group("inject")
+def test_no_match_raises(learner, seed):
+    lora = learner.module("lora")
+    _, theirs, _ = build_pair(learner, "gpt2", seed)
+    with pytest.raises(ValueError):
+        lora.inject_lora(theirs, ["query_key_value"], 4, 4.0)
+
+
+@pytest.mark.group("inject")
+def test_frozen_base_gets_no_gradient(learner, rng, seed):
+    lora = learner.module("lora")
+    _, theirs, vocab = build_pair(learner, "gpt2", seed)
+    lora.inject_lora(theirs, ["c_fc"], 4, 8.0)
+    summary = learner.harness("parameter_summary", theirs)
+    thawed = [name for name, (_, grad) in summary.items() if grad and ".lora_" not in name]
+    check(not thawed, f"after inject_lora these base parameters still have requires_grad=True: {thawed[:4]}; freeze all of them")
+    adapters = [name for name, (_, grad) in summary.items() if grad]
+    check(len(adapters) == 2 * 2, f"two GPT-2 blocks with c_fc adapted have 4 trainable tensors; found {adapters}")
+
+
+@pytest.mark.group("performance")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trainable_parameters_exactly_r_times_din_plus_dout(learner, rng, seed, arch):
+    lora = learner.module("lora")
+    trusted, theirs, _ = build_pair(learner, arch, seed)
+    r = int(rng.integers(1, 9))
+    targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora.inject_lora(theirs, targets, r, 2.0 * r)
+    want, per_layer = 0, {}
+    for name, module in trusted.named_modules():
+        if name.rsplit(".", 1)[-1] in targets:
+            w = module.weight
+            d_in, d_out = (w.shape[0], w.shape[1]) if arch == "gpt2" else (w.shape[1], w.shape[0])
+            per_layer[name] = r * (d_in + d_out)
+            want += per_layer[name]
+    mine = trainable_names(learner, theirs)
+    got = {}
+    for name, n in mine.items():
+        got[name.rsplit(".", 1)[0]] = got.get(name.rsplit(".", 1)[0], 0) + n
+    bad = {k: (got.get(k), v) for k, v in per_layer.items() if got.get(k) != v}
+    check(not bad and sum(mine.values()) == want,
+          f"each adapted layer trains exactly r * (d_in + d_out) numbers (r={r}); total should be {want}, yours is "
+          f"{sum(mine.values())}; layers that differ (yours, expected): {dict(list(bad.items())[:3])}")

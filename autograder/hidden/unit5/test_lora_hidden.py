@@ -1,0 +1,200 @@
+"""Hidden tests, Part A: LoRALinear on nn.Linear and GPT-2's Conv1D (scaling, initialisation,
+forward, dropout on the LoRA branch only), and merge()/unmerge() in float64, float32 and bf16."""
+
+import math
+
+import pytest
+import torch
+
+from autograder.checks import assert_close, check
+
+KINDS = ["linear", "conv1d"]
+
+
+def _base(learner, kind, d_in, d_out, gen, dtype=torch.float32):
+    """A base layer built on the learner's side with weights chosen here; (layer, W, b) in ``dtype``."""
+    if kind == "linear":
+        layer = learner.lib("torch.nn").Linear(d_in, d_out)
+        w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
+    else:
+        layer = learner.lib("transformers.pytorch_utils").Conv1D(d_out, d_in)  # weight [d_in, d_out]
+        w = torch.randn(d_in, d_out, generator=gen, dtype=torch.float64) / math.sqrt(d_in)
+    b = torch.randn(d_out, generator=gen, dtype=torch.float64) * 0.1
+    w, b = w.to(dtype), b.to(dtype)
+    layer = layer.to(dtype)
+    layer.load_state_dict({"weight": w, "bias": b})
+    return layer, w, b
+
+
+def _apply_base(kind, x, w, b):
+    return (x @ w.T if kind == "linear" else x @ w) + b
+
+
+def _set_adapter(layer, a, b):
+    result = layer.load_state_dict({"lora_A": a, "lora_B": b}, strict=False)
+    check(not list(result.unexpected_keys),
+          "LoRALinear must hold its adapters as parameters named lora_A [r, d_in] and lora_B [d_out, r]")
+
+
+def _dims(rng):
+    d_in, d_out = int(rng.integers(5, 40)), int(rng.integers(5, 40))
+    if d_in == d_out:
+        d_out += 3  # non-square, so a missing transpose cannot hide
+    return d_in, d_out, int(rng.integers(1, 9))
+
+
+@pytest.mark.group("lora_layer")
+def test_scaling(learner, rng):
+    lora = learner.module("lora")
+    for _ in range(4):
+        r, alpha = int(rng.integers(1, 65)), float(rng.integers(1, 64))
+        got, got_rs = lora.lora_scaling(r, alpha, False), lora.lora_scaling(r, alpha, True)
+        check(isinstance(got, float) and math.isclose(got, alpha / r, rel_tol=1e-12),
+              f"lora_scaling(r={r}, alpha={alpha:g}) returned {got!r}; LoRA scales by alpha / r = {alpha / r:g}")
+        check(isinstance(got_rs, float) and math.isclose(got_rs, alpha / math.sqrt(r), rel_tol=1e-12),
+              f"lora_scaling(r={r}, alpha={alpha:g}, use_rslora=True) returned {got_rs!r}; rsLoRA scales by "
+              f"alpha / sqrt(r) = {alpha / math.sqrt(r):g}")
+
+
+@pytest.mark.group("lora_layer")
+@pytest.mark.parametrize("kind", KINDS)
+def test_initialisation(learner, rng, torch_gen, kind):
+    lora = learner.module("lora")
+    learner.lib("torch").manual_seed(int(rng.integers(1 << 30)))
+    d_in, d_out = int(rng.integers(96, 160)), int(rng.integers(20, 60))
+    r = 16
+    base, w, b = _base(learner, kind, d_in, d_out, torch_gen)
+    layer = lora.LoRALinear(base, r, 32.0)
+    A, B = layer.lora_A, layer.lora_B
+    check(tuple(A.shape) == (r, d_in) and tuple(B.shape) == (d_out, r),
+          f"LoRALinear({kind} {d_in}->{d_out}, r={r}): lora_A should be [r, d_in] = [{r}, {d_in}] and lora_B "
+          f"[d_out, r] = [{d_out}, {r}]; got {list(A.shape)} and {list(B.shape)}")
+    check(bool((B == 0).all()), "lora_B must start at zero: then B @ A = 0 and the adapted model is exactly the base model")
+    bound = 1 / math.sqrt(d_in)
+    check(bool((A.abs() <= bound + 1e-7).all()), f"lora_A has values beyond 1/sqrt(d_in) = {bound:.4f}: "
+                                                 "kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(d_in), 1/sqrt(d_in))")
+    # A uniform on [-bound, bound] has std bound/sqrt(3); with >= 1500 draws the sample std is within ~4%.
+    std = float(A.std())
+    check(abs(std - bound / math.sqrt(3)) < 0.12 * bound / math.sqrt(3),
+          f"lora_A's std is {std:.4f}; kaiming_uniform_(a=sqrt(5)) over d_in={d_in} inputs gives {bound / math.sqrt(3):.4f}")
+    x = torch.randn(3, d_in, generator=torch_gen)
+    assert_close(layer(x), _apply_base(kind, x, w, b), rtol=1e-5, atol=1e-5,
+                 call=f"LoRALinear({kind} {d_in}->{d_out}, r={r})(x[3,{d_in}]) right after construction",
+                 hint="at initialisation the LoRA layer must equal its base layer (B = 0)")
+
+
+@pytest.mark.group("lora_layer")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward(learner, rng, torch_gen, kind, rslora):
+    lora = learner.module("lora")
+    d_in, d_out, r = _dims(rng)
+    alpha = float(rng.integers(1, 32))
+    base, w, b = _base(learner, kind, d_in, d_out, torch_gen, torch.float64)
+    layer = lora.LoRALinear(base, r, alpha, 0.0, rslora)
+    A = torch.randn(r, d_in, generator=torch_gen, dtype=torch.float64)
+    B = torch.randn(d_out, r, generator=torch_gen, dtype=torch.float64)
+    _set_adapter(layer, A, B)
+    x = torch.randn(2, 3, d_in, generator=torch_gen, dtype=torch.float64)
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    base_out, update = _apply_base(kind, x, w, b), x @ A.T @ B.T
+    assert_close(layer(x), base_out + update * scaling, rtol=1e-10, atol=1e-10,
+                 call=f"LoRALinear({kind} {d_in}->{d_out}, r={r}, alpha={alpha:g}, use_rslora={rslora})(x[2,3,{d_in}] float64)",
+                 mistakes={"scale the update by alpha / r (alpha / sqrt(r) with rsLoRA), not by alpha": base_out + update * alpha,
+                           "the update is multiplied by the scaling": base_out + update,
+                           "with rsLoRA the scaling is alpha / sqrt(r)": base_out + update * alpha / r,
+                           "without rsLoRA the scaling is alpha / r": base_out + update * alpha / math.sqrt(r)})
+
+
+@pytest.mark.group("lora_layer")
+@pytest.mark.parametrize("kind", KINDS)
+def test_dropout_only_on_the_lora_branch(learner, rng, torch_gen, kind):
+    lora = learner.module("lora")
+    learner.lib("torch").manual_seed(int(rng.integers(1 << 30)))
+    d_in, d_out, r = _dims(rng)
+    base, w, b = _base(learner, kind, d_in, d_out, torch_gen)
+    layer = lora.LoRALinear(base, r, float(r), 0.5)
+    layer.train()
+    x = torch.randn(8, d_in, generator=torch_gen)
+    # B is still zero: whatever dropout does to the LoRA branch, the output is the base layer's.
+    assert_close(layer(x), _apply_base(kind, x, w, b), rtol=1e-5, atol=1e-5,
+                 call=f"LoRALinear({kind}, dropout=0.5) in train mode, B = 0",
+                 hint="dropout applies to the LoRA branch's input only: base(x) + B(A(dropout(x))) * scaling")
+    A = torch.randn(r, d_in, generator=torch_gen)
+    B = torch.randn(d_out, r, generator=torch_gen)
+    _set_adapter(layer, A, B)
+    train_out = layer(x)
+    layer.eval()
+    want = _apply_base(kind, x, w, b) + x @ A.T @ B.T
+    # float32 matmuls over at most 40 numbers: ~1e-6 relative.
+    assert_close(layer(x), want, rtol=1e-4, atol=1e-4, call=f"LoRALinear({kind}, dropout=0.5) in eval mode",
+                 hint="in eval mode dropout does nothing")
+    check(not torch.allclose(train_out, want, rtol=1e-4, atol=1e-4),
+          "in train mode with dropout=0.5 the LoRA branch gave exactly the eval-mode output: is dropout applied to it?")
+
+
+def _merge_case(learner, rng, torch_gen, kind, dtype):
+    lora = learner.module("lora")
+    d_in, d_out, r = _dims(rng)
+    alpha = float(rng.integers(1, 32))
+    base, w, b = _base(learner, kind, d_in, d_out, torch_gen, dtype)
+    layer = lora.LoRALinear(base, r, alpha)
+    A = (torch.randn(r, d_in, generator=torch_gen, dtype=torch.float64) / math.sqrt(d_in)).to(dtype)
+    B = (torch.randn(d_out, r, generator=torch_gen, dtype=torch.float64) / math.sqrt(r)).to(dtype)
+    _set_adapter(layer, A, B)
+    delta = (B.double() @ A.double()) * (alpha / r)
+    label = f"{kind} {d_in}->{d_out}, r={r}, alpha={alpha:g}"
+    return layer, w, b, delta if kind == "linear" else delta.T, label, alpha / r
+
+
+@pytest.mark.group("merge")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_merge_and_unmerge(learner, rng, torch_gen, kind, dtype):
+    layer, w, b, delta, label, scaling = _merge_case(learner, rng, torch_gen, kind, dtype)
+    name = str(dtype).replace("torch.", "")
+    # float64: exact up to rounding; float32: B @ A over r <= 8 terms then one add, ~1e-7 relative.
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    x = torch.randn(5, w.shape[1] if kind == "linear" else w.shape[0], generator=torch_gen, dtype=torch.float64).to(dtype)
+    unmerged = layer(x)
+    check(layer.merged is False, "a new LoRALinear has merged = False")
+    layer.merge()
+    check(layer.merged is True, "merge() sets self.merged = True")
+    mistakes = {"merge adds (B @ A) * scaling: multiply by the scaling": w.double() + delta / scaling}
+    if kind == "conv1d" and delta.shape[0] == delta.shape[1]:
+        mistakes["Conv1D stores its weight as [d_in, d_out]: transpose B @ A before adding it"] = w.double() + delta.T
+    assert_close(layer.base.weight, w.double() + delta, call=f"base.weight after merge() ({label}, {name})",
+                 mistakes=mistakes, hint="W += (B @ A) * scaling, laid out like W" if kind == "linear" else
+                 "W += ((B @ A) * scaling).T for Conv1D, whose weight is [d_in, d_out]", **tol)
+    # The merged layer must compute the same function; in float32 the two roundings differ by ~1e-6.
+    assert_close(layer(x), unmerged, call=f"output of the merged layer ({label}, {name})",
+                 hint="once merged, forward must not add the LoRA branch a second time", **tol)
+    layer.merge()
+    assert_close(layer.base.weight, w.double() + delta, call=f"base.weight after merging twice ({label}, {name})",
+                 hint="a second merge() does nothing (check self.merged)", **tol)
+    layer.unmerge()
+    check(layer.merged is False, "unmerge() sets self.merged = False")
+    assert_close(layer.base.weight, w, call=f"base.weight after merge() then unmerge() ({label}, {name})",
+                 hint="unmerge is the inverse of merge: W -= (B @ A) * scaling, in the same layout", **tol)
+    assert_close(layer(x), unmerged, call=f"output after merge() then unmerge() ({label}, {name})", **tol)
+    layer.unmerge()
+    assert_close(layer.base.weight, w, call=f"base.weight after a second unmerge() ({label}, {name})",
+                 hint="unmerge() of an unmerged layer does nothing (check self.merged)", **tol)
+
+
+@pytest.mark.group("merge")
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_in_bfloat16(learner, rng, torch_gen, kind):
+    layer, w, b, delta, label, _ = _merge_case(learner, rng, torch_gen, kind, torch.bfloat16)
+    unmerged_weight = layer.base.weight
+    layer.merge()
+    merged = layer.base.weight
+    check(merged.dtype == torch.bfloat16, f"merge() turned a bfloat16 weight into {merged.dtype}; keep the base weight's dtype")
+    # bf16 keeps 8 significant bits: each merged weight is rounded once (2**-8 relative), so the
+    # error is at most ~0.4% of |W + delta|, plus the rounding of delta itself.
+    assert_close(merged, w.double() + delta, rtol=1e-2, atol=1e-2, call=f"bf16 base.weight after merge() ({label})",
+                 hint="compute B @ A in float32, then add it to W and round once")
+    layer.unmerge()
+    # A bf16 round trip is not bit-exact: W + delta - delta rounds twice.
+    assert_close(layer.base.weight, unmerged_weight, rtol=2e-2, atol=2e-2,
+                 call=f"bf16 base.weight after merge() then unmerge() ({label})")

@@ -1,0 +1,102 @@
+"""Part C: fine-tune the course GPT with LoRA on a small instruction dataset.
+
+The course makes the data (``make_instruction_data``), writes it as JSON lines and loads it with
+Hugging Face ``datasets``, exactly as you would load a real instruction set from disk.  Text is
+byte-level: token id = byte value, and byte 255 (never in UTF-8 text) ends a response (EOS).
+The loss is counted on the response only: the prompt is context, not something to learn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+import torch.nn.functional as F
+
+EOS = 255           # end of response; 0xFF never occurs in UTF-8 text
+PAD = 0             # padding id; its labels are IGNORE, so its value never matters
+IGNORE = -100       # label of a position that is not scored (F.cross_entropy's ignore_index)
+PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
+
+_CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Egypt": "Cairo", "Peru": "Lima",
+             "Kenya": "Nairobi", "Norway": "Oslo", "Chile": "Santiago"}
+_SOUNDS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "owl": "hoot", "sheep": "baa",
+           "lion": "roar", "frog": "ribbit"}
+_OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "day": "night", "wet": "dry",
+              "early": "late", "open": "closed"}
+
+
+def all_examples() -> list[dict]:
+    """Every distinct instruction of the course's toy instruction set (24 of them)."""
+    rows = [{"instruction": f"What is the capital of {k}?", "response": f"The capital is {v}."}
+            for k, v in _CAPITALS.items()]
+    rows += [{"instruction": f"What does a {k} say?", "response": f"A {k} says {v}."} for k, v in _SOUNDS.items()]
+    rows += [{"instruction": f"What is the opposite of {k}?", "response": f"The opposite is {v}."}
+             for k, v in _OPPOSITES.items()]
+    return rows
+
+
+def make_instruction_data(n: int, seed: int) -> list[dict]:
+    """``n`` rows drawn (with replacement) from the toy instruction set."""
+    rows = all_examples()
+    rand = random.Random(seed)
+    return [dict(rand.choice(rows)) for _ in range(n)]
+
+
+def write_jsonl(rows: list[dict], path: str) -> str:
+    """One JSON object per line, as instruction datasets are usually shipped."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def load_instruction_dataset(path: str):
+    """A ``datasets.Dataset`` with columns ``instruction`` and ``response``, read from local JSON lines."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never reach for the hub
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets.load_dataset("json", data_files=path, split="train")
+
+
+def encode_text(text: str) -> list[int]:
+    """Byte-level tokens: the UTF-8 bytes of the text."""
+    return list(text.encode("utf-8"))
+
+
+def encode_example(example: dict, max_len: int = 128) -> dict:
+    """{"input_ids": prompt + response + [EOS], "labels": same length, IGNORE on every prompt
+    token, the token itself on every response token and on EOS}; both cut to ``max_len``."""
+    # TODO: tokens of PROMPT.format(instruction=...) then of the response then EOS; labels mask the prompt.
+    # YOUR CODE HERE
+    raise NotImplementedError("TODO: fill in encode_example in exercises/unit5/finetune.py")
+
+
+def collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad encoded examples to the longest: (input_ids [b, t] int64 padded with PAD,
+    labels [b, t] int64 padded with IGNORE)."""
+    # TODO: t = longest input_ids; fill with PAD / IGNORE; copy each example into its row.
+    # YOUR CODE HERE
+    raise NotImplementedError("TODO: fill in collate in exercises/unit5/finetune.py")
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the scored positions: logits[:, i] predicts labels[:, i + 1]."""
+    # TODO: shift (drop the last logit and the first label), then F.cross_entropy(..., ignore_index=IGNORE).
+    # YOUR CODE HERE
+    raise NotImplementedError("TODO: fill in response_loss in exercises/unit5/finetune.py")
+
+
+def finetune(model: torch.nn.Module, dataset, steps: int = 150, batch_size: int = 16, lr: float = 1e-2,
+             seed: int = 0) -> list[float]:
+    """Train the model's trainable parameters (the adapters) with AdamW (weight_decay=0) on random
+    batches of the dataset (rows sampled with torch.Generator().manual_seed(seed)).
+    ``model(input_ids)`` returns logits. Returns the loss of every step, as floats."""
+    # TODO: encode every row once; AdamW over the parameters with requires_grad; loop: sample, collate,
+    #       response_loss, zero_grad, backward, step; record loss.item().
+    # YOUR CODE HERE
+    raise NotImplementedError("TODO: fill in finetune in exercises/unit5/finetune.py")

@@ -1,0 +1,132 @@
+"""Visible tests for Parts A and B. Run: pytest exercises/unit5/test_lora.py"""
+
+import math
+
+import pytest
+import torch
+
+from autograder.checks import assert_close, check
+
+
+def _base(learner, kind, d_in, d_out, gen):
+    """A Linear or GPT-2 Conv1D built on your side, with weights chosen here; (layer, W, b)."""
+    if kind == "linear":
+        layer = learner.lib("torch.nn").Linear(d_in, d_out)
+        w = torch.randn(d_out, d_in, generator=gen) / math.sqrt(d_in)
+    else:
+        layer = learner.lib("transformers.pytorch_utils").Conv1D(d_out, d_in)  # weight [d_in, d_out]
+        w = torch.randn(d_in, d_out, generator=gen) / math.sqrt(d_in)
+    b = torch.randn(d_out, generator=gen) * 0.1
+    layer.load_state_dict({"weight": w, "bias": b})
+    return layer, w, b
+
+
+def _set_adapter(layer, a, b):
+    result = layer.load_state_dict({"lora_A": a, "lora_B": b}, strict=False)
+    check(not list(result.unexpected_keys), "LoRALinear must hold its adapters as parameters named lora_A and lora_B")
+
+
+@pytest.mark.group("lora_layer")
+def test_scaling(learner):
+    lora = learner.module("lora")
+    check(lora.lora_scaling(8, 16, False) == 2.0, "lora_scaling(r=8, alpha=16) should be alpha / r = 2")
+    check(lora.lora_scaling(4, 8, True) == 4.0, "lora_scaling(r=4, alpha=8, use_rslora=True) should be alpha / sqrt(r) = 4")
+
+
+@pytest.mark.group("lora_layer")
+def test_init_leaves_the_model_unchanged(learner):
+    lora = learner.module("lora")
+    base, w, b = _base(learner, "linear", 16, 12, torch.Generator().manual_seed(0))
+    layer = lora.LoRALinear(base, 4, 8.0)
+    a_init, b_init = layer.lora_A, layer.lora_B
+    check(tuple(a_init.shape) == (4, 16) and tuple(b_init.shape) == (12, 4),
+          f"lora_A should be [r, d_in] = [4, 16] and lora_B [d_out, r] = [12, 4]; got {list(a_init.shape)} and {list(b_init.shape)}")
+    check(bool((b_init == 0).all()), "lora_B must start at zero, so the adapted model equals the base model")
+    check(bool((a_init.abs() <= 1 / math.sqrt(16)).all()) and float(a_init.abs().max()) > 0,
+          "lora_A: kaiming_uniform_(a=sqrt(5)) draws from U(-1/sqrt(d_in), 1/sqrt(d_in))")
+    x = torch.randn(3, 16)
+    assert_close(layer(x), x @ w.T + b, rtol=1e-6, atol=1e-6, call="LoRALinear(Linear(16, 12), r=4)(x[3,16]) at init")
+
+
+@pytest.mark.group("lora_layer")
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_forward(learner, kind):
+    lora = learner.module("lora")
+    g = torch.Generator().manual_seed(1)
+    base, w, b = _base(learner, kind, 10, 6, g)
+    layer = lora.LoRALinear(base, 2, 6.0)
+    A, B = torch.randn(2, 10, generator=g), torch.randn(6, 2, generator=g)
+    _set_adapter(layer, A, B)
+    x = torch.randn(2, 5, 10, generator=g)
+    wx = x @ w.T if kind == "linear" else x @ w
+    # float32 matmuls over 10 numbers; different association orders differ by ~1e-6.
+    assert_close(layer(x), wx + b + (x @ A.T @ B.T) * 3.0, rtol=1e-5, atol=1e-5,
+                 call=f"LoRALinear({kind} 10->6, r=2, alpha=6)(x[2,5,10])",
+                 mistakes={"scale the update by alpha / r, not alpha": wx + b + (x @ A.T @ B.T) * 6.0})
+
+
+@pytest.mark.group("merge")
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merge_then_unmerge(learner, kind):
+    lora = learner.module("lora")
+    g = torch.Generator().manual_seed(2)
+    base, w, b = _base(learner, kind, 8, 5, g)
+    layer = lora.LoRALinear(base, 3, 3.0)
+    A, B = torch.randn(3, 8, generator=g), torch.randn(5, 3, generator=g)
+    _set_adapter(layer, A, B)
+    x = torch.randn(4, 8, generator=g)
+    before = layer(x)
+    layer.merge()
+    delta = B @ A if kind == "linear" else (B @ A).T
+    assert_close(layer.base.weight, w + delta, rtol=1e-5, atol=1e-6, call=f"base.weight after merge() ({kind})",
+                 hint="Conv1D stores its weight as [d_in, d_out]: transpose the update" if kind == "conv1d" else None)
+    check(layer.merged is True, "merge() should set self.merged = True")
+    # float32: W x + (B A) x versus (W + B A) x round differently, by ~1e-6 here.
+    assert_close(layer(x), before, rtol=1e-5, atol=1e-5, call="the merged layer's output")
+    layer.unmerge()
+    assert_close(layer.base.weight, w, rtol=1e-5, atol=1e-6, call="base.weight after merge() then unmerge()")
+
+
+@pytest.mark.group("inject")
+def test_target_matches(learner):
+    lora = learner.module("lora")
+    cases = [("transformer.h.0.attn.c_attn", ["c_attn"], True), ("c_attn", ["c_attn"], True),
+             ("transformer.h.0.attn.c_attn_extra", ["c_attn"], False), ("h.0.xc_attn", ["c_attn"], False),
+             ("h.0.attn.c_attn", r".*\.c_attn", True), ("h.0.attn.c_attn", "c_attn", False)]
+    for name, targets, want in cases:
+        got = lora.target_matches(name, targets)
+        check(got == want, f"target_matches({name!r}, {targets!r}) returned {got!r}; peft says {want}")
+
+
+@pytest.mark.group("inject")
+def test_inject_freezes_and_counts(learner):
+    lora = learner.module("lora")
+    gpt = learner.module("common.gpt")
+    model = gpt.GPT(gpt.GPTConfig(n_embd=32, n_layer=2, n_head=4))
+    lora.inject_lora(model, ["c_attn"], 4, 4.0)
+    summary = learner.harness("parameter_summary", model)
+    trainable = {name: n for name, (n, grad) in summary.items() if grad}
+    want = {f"transformer.h.{i}.attn.c_attn.lora_{x}": 4 * (32 if x == "A" else 96) for i in range(2) for x in "AB"}
+    check(trainable == want, f"after inject_lora(model, ['c_attn'], r=4) the trainable parameters should be {want}; got {trainable}")
+
+
+@pytest.mark.group("adapters_io")
+def test_lora_state_dict_holds_only_adapters(learner):
+    lora = learner.module("lora")
+    gpt = learner.module("common.gpt")
+    model = lora.inject_lora(gpt.GPT(gpt.GPTConfig(n_embd=32, n_layer=1, n_head=4)), ["c_fc"], 2, 2.0)
+    state = lora.lora_state_dict(model)
+    check(sorted(state) == ["transformer.h.0.mlp.c_fc.lora_A", "transformer.h.0.mlp.c_fc.lora_B"],
+          f"lora_state_dict should hold exactly the adapter tensors; its keys are {sorted(state)[:6]}")
+
+
+@pytest.mark.group("performance")
+def test_trainable_parameters_per_layer(learner):
+    lora = learner.module("lora")
+    nn = learner.lib("torch.nn")
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 7))
+    lora.inject_lora(model, ["0", "2"], 3, 3.0)
+    summary = learner.harness("parameter_summary", model)
+    trainable = sum(n for n, grad in summary.values() if grad)
+    check(trainable == 3 * (20 + 30) + 3 * (30 + 7),
+          f"r * (d_in + d_out) per adapted layer gives {3 * (20 + 30) + 3 * (30 + 7)} trainable parameters; you have {trainable}")
