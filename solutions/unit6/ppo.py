@@ -146,6 +146,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     # TODO: the formula above (it never takes log of a probability).
     ### BEGIN SOLUTION
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    z = z - z.amax(dim=-1, keepdim=True)  # H is shift-invariant; shifting keeps the two terms small
     p = torch.softmax(z, dim=-1)
     return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
     ### END SOLUTION
