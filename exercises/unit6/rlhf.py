@@ -15,6 +15,7 @@ that action is a response token.
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.nn as nn
@@ -107,7 +108,8 @@ def train_toy_rlhf(seed: int = 0, updates: int = 20, batch_size: int = 64, promp
                    response_len: int = 8, beta: float = 0.05, gamma: float = 1.0, lam: float = 0.95,
                    lr: float = 3e-3, cfg: PPOConfig | None = None) -> list[dict]:
     """PPO on the toy task.  One entry per update, measured on that update's rollout (before its
-    PPO step): mean score, mean KL(policy || ref) summed over a response, and ppo_update's stats."""
+    PPO step): mean score, mean KL(policy || ref) summed over a response, ppo_update's stats, and
+    the seconds the update took (rollout included)."""
     cfg = cfg or PPOConfig(epochs=4, minibatch_size=32, vf_clip_eps=0.2, max_grad_norm=1.0)
     with one_thread():
         torch.manual_seed(seed)
@@ -117,6 +119,9 @@ def train_toy_rlhf(seed: int = 0, updates: int = 20, batch_size: int = 64, promp
         optimizer = torch.optim.Adam(policy.parameters(), lr=lr)
         history = []
         for _ in range(updates):
+            start = time.perf_counter()
             batch, stats = make_batch(policy, ref, generator, batch_size, prompt_len, response_len, beta, gamma, lam)
-            history.append({**stats, **ppo_update(policy, optimizer, batch, cfg, generator)})
+            rollout_s = time.perf_counter() - start
+            stats.update(ppo_update(policy, optimizer, batch, cfg, generator))
+            history.append({**stats, "rollout_seconds": rollout_s, "seconds": time.perf_counter() - start})
         return history

@@ -185,8 +185,8 @@ def test_toy_rlhf_reward_rises_with_bounded_kl(learner, seed):
     end = statistics.mean(h["score"] for h in history[-3:])
     kl = statistics.mean(h["kl"] for h in history[-3:])
     check(start <= 0.15, f"the toy RLHF task starts at score {start:.2f}; expected about 1/16 (a fresh policy)")
-    check(end >= 0.3, f"toy RLHF (seed {seed % 10_000}): the mean score rose from {start:.2f} to only {end:.2f} after "
-                      "15 updates; expected >= 0.30")
+    check(end >= 0.25, f"toy RLHF (seed {seed % 10_000}): the mean score rose from {start:.2f} to only {end:.2f} after "
+                      "15 updates; expected >= 0.25")
     check(kl <= 10.0, f"toy RLHF: KL(policy || ref) per response is {kl:.2f} nats after 15 updates; expected <= 10 "
                       "(the -beta * KL penalty keeps it bounded: check its sign)")
 
