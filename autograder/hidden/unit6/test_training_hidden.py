@@ -145,12 +145,14 @@ def test_early_stop_on_kl(learner, rng, seed):
     batch = _batch(state, 50, 6, None, probe)
     _, kls = reference_update(probe, torch.optim.Adam(probe.parameters(), lr=3e-2), batch, dict(CFG, target_kl=None),
                               torch.Generator().manual_seed(seed))
-    # the first new maximum of k3 in the second half of the steps: stop there
-    target = max(kls) + 1.0
-    for k in range(max(2, len(kls) // 2), len(kls) + 1):
-        if kls[k - 1] > max(kls[: k - 1]):
-            target = (max(kls[: k - 1]) + kls[k - 1]) / 2
-            break
+    # stop where k3 first reaches a new maximum, as near the middle of the update as there is one
+    # (else right after the first step): target_kl halfway between that k3 and the maximum before it
+    records = [k for k in range(2, len(kls) + 1) if kls[k - 1] > max(kls[: k - 1])]
+    if records:
+        k = min(records, key=lambda k: abs(k - len(kls) // 2))
+        target = (max(kls[: k - 1]) + kls[k - 1]) / 2
+    else:
+        target = kls[0] / 2
     cfg = dict(CFG, target_kl=float(target))
     mine, ref, stats, steps, _, _ = _run_both(learner, np.random.default_rng(seed), seed, cfg, lr=3e-2)
     check(stats.get("steps") == steps,
