@@ -169,3 +169,20 @@ def cuda_training_peak_memory(model, input_ids: torch.Tensor, steps: int = 2, lr
     peak = torch.cuda.max_memory_allocated() - base
     del optimizer
     return peak, float(loss)
+def value_and_grad(fn, args: list, wrt: list[int], kwargs: dict | None = None, pick: int | None = None):
+    """Call ``fn(*args, **kwargs)`` with gradients on the floating-point ``args[i]`` for i in
+    ``wrt``; differentiate the sum of the output (or of ``output[pick]`` when fn returns a tuple).
+
+    Returns (output with every tensor detached, [gradient or None for each index in wrt]).
+    """
+    inputs = [_leaf(a, i in wrt) for i, a in enumerate(args)]
+    with torch.enable_grad():
+        output = fn(*inputs, **(kwargs or {}))
+        target = output[pick] if pick is not None else output
+        wanted = [inputs[i] for i in wrt]
+        grads = list(torch.autograd.grad(target.sum(), wanted, allow_unused=True)) if target.requires_grad else [None] * len(wanted)
+    if isinstance(output, (tuple, list)):
+        output = type(output)(o.detach() if isinstance(o, torch.Tensor) else o for o in output)
+    elif isinstance(output, torch.Tensor):
+        output = output.detach()
+    return output, grads
