@@ -131,7 +131,6 @@ class GPT(nn.Module):
         weight = self.transformer.wte.weight
         # In this model's dtype and device first: loading float64 weights into float32 ones rounds them.
         hf = GPT2LMHeadModel(self.config.to_hf()).to(dtype=weight.dtype, device=weight.device).eval()
-        hf = GPT2LMHeadModel(self.config.to_hf()).eval()
         state = {}
         for name, tensor in self.state_dict().items():
             if name == "lm_head.weight":
