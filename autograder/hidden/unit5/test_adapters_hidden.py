@@ -6,7 +6,7 @@ import torch
 
 from autograder.checks import assert_close, check
 
-from ._models import build_pair, peft_model, random_adapters
+from autograder.hidden.unit5._models import build_pair, peft_model, random_adapters
 
 
 def _adapted(learner, seed, gen, targets=("c_attn", "c_fc")):

@@ -8,7 +8,7 @@ import torch
 
 from autograder.checks import assert_close, check
 
-from ._models import gpt2_config, peft_model, random_adapters
+from autograder.hidden.unit5._models import gpt2_config, peft_model, random_adapters
 
 
 def _gpt2_pair(learner, seed, dtype, **config):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from autograder.checks import assert_close, check
 
-from ._models import build_pair, peft_model, random_adapters, trainable_names
+from autograder.hidden.unit5._models import build_pair, peft_model, random_adapters, trainable_names
 
 PARTS = ["h", "0", "1", "attn", "c_attn", "c_attn_extra", "xc_attn", "mlp", "c_proj", "q_proj", "proj", "layers"]
 REGEXES = ["c_attn", r".*\.c_attn", r".*attn.*", r"h\.0\..*proj", r".*(q|c)_proj", r"attn", r".*\.\d\.attn"]
