@@ -33,6 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--submission", help="grade this folder of unit folders, learner code in a sandboxed worker")
     group.addoption("--isolation", default="auto",
                     help="auto | bwrap | user | none (with --submission); inprocess: no worker, for benchmarks only")
+    group.addoption("--call-timeout", type=float, help="seconds for one call into learner code (default: course.yml)")
     group.addoption("--results", help="append one JSON line per test outcome to this file")
     group.addoption("--gpu", choices=("auto", "require"), default="auto",
                     help="require: fail, rather than leave ungraded, GPU tests on a machine without CUDA")
@@ -89,7 +90,7 @@ class CourseState:
                                   [f.model_dump() for f in self.course.forbidden_for(unit)],
                                   limits.memory_mb, limits.max_processes, limits.max_file_kb, self.isolation)
                 self.spawners.append(spawner)
-                backend = WorkerBackend(spawner, limits.call_timeout)
+                backend = WorkerBackend(spawner, self.config.getoption("call_timeout") or limits.call_timeout)
             else:  # a learner's own pytest run
                 backend = InProcessBackend(root)
             self.learners[key] = Learner(backend, unit.dir)

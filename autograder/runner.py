@@ -56,6 +56,7 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
                 "-c", str(REPO_ROOT / "pyproject.toml"), "--rootdir", str(REPO_ROOT), "--noconftest",
                 "-p", "no:cacheprovider", "-q", "--no-header", "-rN", "--tb=no",
                 "--submission", str(submission_root), "--isolation", isolation, "--results", str(results_file),
+                "--call-timeout", str(limits.call_timeout),
                 *(extra_args or [])]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COURSE_"))}
         env.update(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", COURSE_GRADING_SEED=seed, PYTHONDONTWRITEBYTECODE="1")
