@@ -37,7 +37,10 @@ def main() -> None:
 @click.option("--isolation", default="auto", type=click.Choice(["auto", "bwrap", "user", "none"]),
               help="how learner code is isolated (auto: the strongest this machine offers)")
 @click.option("--jobs", default=1, show_default=True, help="units graded at once")
-def grade(path, units, json_out, gradescope, isolation, jobs):
+@click.option("--gpu", default="auto", type=click.Choice(["auto", "require"]),
+              help="require: fail loudly when no CUDA GPU is visible, instead of leaving GPU tests not graded")
+@click.option("--only", type=click.Choice(["gpu"]), default=None, help="gpu: run only the GPU-marked tests")
+def grade(path, units, json_out, gradescope, isolation, jobs, gpu, only):
     """Grade PATH (a folder like exercises/, or a zip from `course submit`; default exercises/).
 
     Exits 0 whatever the score; non-zero only when the submission could not be graded."""
@@ -47,11 +50,19 @@ def grade(path, units, json_out, gradescope, isolation, jobs):
 
     course = _course()
     target = path or REPO_ROOT / "exercises"
+    if gpu == "require":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.ClickException("--gpu require: torch sees no CUDA GPU on this machine, so the GPU tests "
+                                       "cannot be graded here")
     try:
         with console.status("grading...") as status:
             def progress(unit_result):
                 status.update(f"graded {unit_result.id}")
-            report = run_grade(course, target, list(units) or None, isolation=isolation, jobs=jobs, on_unit=progress)
+            extra = ["--gpu", gpu] + (["-m", "gpu"] if only == "gpu" else [])
+            report = run_grade(course, target, list(units) or None, isolation=isolation, jobs=jobs,
+                               on_unit=progress, extra_args=extra)
     except SubmissionError as exc:
         raise click.ClickException(f"could not grade {target}: {exc}") from None
     except ManifestError as exc:

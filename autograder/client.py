@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from autograder.worker import harness as local_harness
 from autograder.worker.objects import ObjectTable, serve
 from autograder.worker.protocol import Decoder, Encoder, Handle, ProtocolError, pack, read_message, unpack
@@ -238,7 +240,7 @@ class InProcessBackend(Backend):
         result = serve(decoded, local_harness)  # learner exceptions propagate with their traceback
         # Result: learner side -> wire -> trusted side.
         header, blob = _split(pack(result, self.table.to_handle))
-        return unpack(header, blob, self._make_proxy)
+        return unpack(header, blob, self._make_proxy, device_ok=trusted_device)
 
     def close(self) -> None:
         self.table = ObjectTable()
@@ -249,6 +251,19 @@ def _split(data: bytes) -> tuple[bytes, bytes]:
 
     header_len, blob_len = struct.unpack_from("<QQ", data)
     return data[16 : 16 + header_len], data[16 + header_len :]
+
+
+def trusted_device(device: str) -> str:
+    """Where a tensor from the learner's side lands here: on the device it came from (a CUDA
+    result stays a CUDA tensor, so autograd and device checks see what the learner returned),
+    or on the CPU where this process has no such device."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return device
+    return "cpu"
+
+
+# Generous: a cold start imports torch (and transformers in later units) on a busy machine.
+STARTUP_TIMEOUT = 180.0
 
 
 class WorkerBackend(Backend):
@@ -281,6 +296,11 @@ class WorkerBackend(Backend):
                 self.pending_release = []
                 self.restarts += 1
             self.worker = self.spawn()
+            try:
+                self.worker.wait_ready(STARTUP_TIMEOUT)
+            except (EOFError, OSError):
+                reason = self.worker.death_reason()
+                raise WorkerDied("WorkerDied", f"the worker process could not start: {reason}", []) from None
         return self.worker
 
     def request(self, request: dict, call: Callable[[], str]) -> Any:
@@ -302,7 +322,7 @@ class WorkerBackend(Backend):
                 worker.kill()
                 self.generation += 1
                 raise WorkerDied("WorkerDied", f"the worker process died during this call: {reason}; it was restarted", [], call()) from None
-            reply = unpack(header, blob, self._make_proxy)
+            reply = unpack(header, blob, self._make_proxy, device_ok=trusted_device)
             if type(reply) is not dict or len(reply) != 1 or not ({"ok", "error"} & reply.keys()):
                 raise ProtocolError("malformed reply from the worker")
             if "error" in reply:

@@ -280,6 +280,8 @@ class Worker:
             return "it stopped answering"
         if self.cgroup is not None and self.cgroup.hit_memory_limit():
             return f"it used more than {self.memory_bytes >> 20} MB of memory"
+        if code > 128 and code - 128 in signal.valid_signals():
+            code = 128 - code  # bwrap reports its child's fatal signal as 128 + signal number
         if code < 0:
             name = signal.Signals(-code).name
             hint = " (a crash in native code)" if name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL") else ""
@@ -317,15 +319,24 @@ class Worker:
             buffer += chunk
         return bytes(buffer)
 
-    def call(self, data: bytes, timeout: float) -> tuple[bytes, bytes]:
+    def call(self, data: bytes, timeout: float, send: bool = True) -> tuple[bytes, bytes]:
         deadline = time.monotonic() + timeout
-        self._write(data, deadline)
+        if send:
+            self._write(data, deadline)
         header = self._read(_HEADER_SIZE, deadline)
         header_len = int.from_bytes(header[:8], "little")
         blob_len = int.from_bytes(header[8:], "little")
         if header_len + blob_len > MAX_MESSAGE_BYTES:
             raise ProtocolError("reply over the size limit")
         return self._read(header_len, deadline), self._read(blob_len, deadline)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the worker has imported its half of the grader and is ready for calls."""
+        try:
+            self.call(b"", timeout, send=False)
+        except TimeoutError:
+            self.reason = self.reason or f"it did not start within {timeout:g} s (is the machine overloaded?)"
+            raise EOFError from None
 
     def kill(self) -> None:
         self._stop.set()

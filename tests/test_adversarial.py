@@ -162,7 +162,7 @@ if any("COURSE_GRADING_SEED" in str(v) or "COURSE_GRADING_SEED" in k for k, v in
     raise SystemExit("found the seed")  # a real cheat would use it; here it only shows it was reachable
 """,
 }
-# Attacks that live in a method call rather than at import: the stub's add calls the bomb.
+# Attacks that live in a method call rather than at import: the stub's add and mul call the bomb.
 CALLED = {"fork_bomb", "memory_bomb", "infinite_loop", "segfault"}
 
 
@@ -171,7 +171,7 @@ def hostile_submission(tmp_path: Path, name: str) -> Path:
     shutil.copytree(REPO_ROOT / "solutions", root, ignore=shutil.ignore_patterns("__pycache__"))
     code = STUB + "\n" + ATTACKS[name]
     if name in CALLED:
-        code += "\nValue.__add__ = lambda self, other: _bomb()\n"
+        code += "\nValue.__add__ = Value.__mul__ = lambda self, other: _bomb()\n"
     (root / "unit1" / "autograd.py").write_text(code)
     return root
 
@@ -189,7 +189,8 @@ def test_attack_earns_nothing(tmp_path, name):
     assert report.isolation == "bwrap" or report.isolation == "user", report.isolation_note
     assert points(unit, {"value_ops", "value_backward"}) == 0, [t.name for t in unit.tests if t.status == "passed"]
     fused = next(g for g in unit.groups if g.id == "fused")
-    assert fused.max_score > 0 and fused.score == pytest.approx(fused.max_score), "the honest file lost points"
+    lost = [f"{t.name}: {t.output}" for t in unit.tests if t.group == "fused" and t.status not in ("passed", NOT_GRADED)]
+    assert fused.max_score > 0 and fused.score == pytest.approx(fused.max_score), "the honest file lost points:\n" + "\n".join(lost)
     assert tree_digest() == before, "the course files changed"
     assert not Path("/tmp/results.json").exists()
 

@@ -58,3 +58,17 @@ def test_hidden_suite_catches_mutant(course, tmp_path, unit_id, mutant):
 def test_enough_mutants(unit_id):
     names = [m["name"] for u, m in load_mutants(COURSE) if u == unit_id]
     assert len(names) >= 6 and len(set(names)) == len(names)
+
+
+def test_gpu_mutants_apply_to_the_solutions(tmp_path):
+    """The GPU mutants are graded on a GPU machine (benchmarks/gpu_mutants.py); here, on any
+    machine, each must still apply to the current solutions so that run cannot go stale."""
+    from benchmarks.gpu_mutants import GPU_MUTANTS, apply
+
+    import yaml
+
+    mutants = yaml.safe_load(GPU_MUTANTS.read_text())
+    assert {m["unit"] for m in mutants} >= {"unit1", "unit2", "unit4", "unit5", "unit6"}
+    for mutant in mutants:
+        root = copy_solutions(tmp_path / mutant["name"])
+        apply(root, COURSE.unit(mutant["unit"]).dir, mutant)

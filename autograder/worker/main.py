@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     guard.install(config.get("forbidden", []), [str(root / d) for d in config.get("learner_dirs", [])])
     _set_limits(config.get("limits", {}))
     table = ObjectTable()
+    # Start-up (Python, torch) is not the learner's time: the client starts each call's clock
+    # only after this message.
+    write_message(reply_fd, pack({"ready": True}, table.to_handle))
     while True:
         try:
             header, blob = read_message(request_fd)

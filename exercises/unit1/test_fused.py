@@ -39,5 +39,7 @@ def test_saves_only_what_backward_needs(learner):
     shapes = saved_tensor_shapes(learner, fused.layer_norm, x, torch.ones(16), torch.zeros(16), 1e-5)
     saved = sum(int(torch.Size(s).numel()) for s in shapes)
     budget = x.numel() + 6 + 16
+    check(saved > 0, "layer_norm saved nothing for backward: is it an autograd.Function that calls "
+                     "ctx.save_for_backward(xhat, rstd, weight)?")
     check(saved <= budget, f"you saved tensors of shapes {shapes} ({saved} numbers) for backward; "
                            f"xhat, rstd and weight need only {budget}")

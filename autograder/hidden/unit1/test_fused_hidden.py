@@ -93,13 +93,18 @@ def test_gpu_correctness(learner, torch_gen, dtype):
 @pytest.mark.gpu
 @pytest.mark.group("fused_gpu")
 def test_gpu_peak_memory_below_unfused(learner, torch_gen):
+    from autograder.worker.harness import cuda_peak_memory  # the same measurement, run here on trusted code
+
     fused = learner.module("fused")
     x, w, b = _inputs(torch_gen, (4096, 4096), torch.float32, "cuda")
     mine, _ = learner.harness("cuda_peak_memory", fused.layer_norm, [x, w, b, 1e-5], True)
-    # The unfused autograd graph keeps about six full-size intermediates for backward.
-    unfused = x.numel() * 4 * 6
-    check(mine < unfused * 0.75, f"forward+backward peaked at {mine / 2**20:.0f} MiB above the inputs; the unfused "
-                                 f"autograd version needs about {unfused / 2**20:.0f} MiB")
+    unfused, _ = cuda_peak_memory(_unfused, [x, w, b], True)
+    # Plain autograd keeps x - mean and the normalised x for backward and makes ~4 full-size
+    # temporaries in it; a fused backward that updates one buffer in place needs about 2/3 of that.
+    # 0.85 sits between that and the unfused graph itself (1.0).
+    check(mine < 0.85 * unfused, f"forward+backward of layer_norm [4096, 4096] float32 peaked at {mine / 2**20:.0f} MiB "
+                                 f"above the inputs; plain autograd ops need {unfused / 2**20:.0f} MiB. Save only xhat "
+                                 "and rstd, and build grad_x in one buffer (in-place sub_, addcmul_, mul_)")
 
 
 @pytest.mark.gpu

@@ -8,8 +8,8 @@ import torch
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
-def gpt2_config(tf, n_embd=32, n_layer=2, vocab=97):
-    return tf.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=n_embd, n_layer=n_layer, n_head=4, resid_pdrop=0.0,
+def gpt2_config(tf, n_embd=32, n_layer=2, vocab=97, n_positions=32):
+    return tf.GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
 
 

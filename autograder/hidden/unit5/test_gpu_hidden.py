@@ -74,7 +74,7 @@ def test_lora_training_memory_far_below_full(learner, seed, torch_gen):
 @pytest.mark.group("lora_gpu")
 def test_merged_and_unmerged_speed_on_gpu(learner, seed, torch_gen):
     lora = learner.module("lora")
-    config = dict(n_embd=1024, n_layer=6, vocab=1024)
+    config = dict(n_embd=1024, n_layer=6, vocab=1024, n_positions=256)  # the timed inputs are 256 tokens long
     _, base = _gpt2_pair(learner, seed, torch.bfloat16, **config)
     _, adapted = _gpt2_pair(learner, seed, torch.bfloat16, **config)
     lora.inject_lora(adapted, ["c_attn", "c_proj", "c_fc"], 8, 16.0)

@@ -143,19 +143,33 @@ def _merge_case(learner, rng, torch_gen, kind, dtype):
     B = (torch.randn(d_out, r, generator=torch_gen, dtype=torch.float64) / math.sqrt(r)).to(dtype)
     _set_adapter(layer, A, B)
     delta = (B.double() @ A.double()) * (alpha / r)
+    bound = float((B.double().abs() @ A.double().abs()).max()) * alpha / r
     label = f"{kind} {d_in}->{d_out}, r={r}, alpha={alpha:g}"
-    return layer, w, b, delta if kind == "linear" else delta.T, label, alpha / r
+    return layer, w, b, delta if kind == "linear" else delta.T, label, alpha / r, (bound, r)
+
+
+def _merge_tolerance(bound, r, dtype, x=None):
+    """Rounding bounds for merge/unmerge in `dtype` (unit roundoff u): B @ A sums r products, off by
+    at most r·u·bound with bound = max (|B| @ |A|)·scaling, then W ± delta rounds once more
+    (u|W ± delta|).  Doubled for slack; a wrong merge is off by a whole |delta|.  With x, the
+    weight error is carried through x @ W.T (at most sum|x| times it)."""
+    u = torch.finfo(dtype).eps / 2
+    atol = 2 * (r + 2) * u * bound
+    if x is not None:
+        atol *= float(x.double().abs().sum(-1).max())
+    return dict(rtol=4 * u, atol=atol)
 
 
 @pytest.mark.group("merge")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_merge_and_unmerge(learner, rng, torch_gen, kind, dtype):
-    layer, w, b, delta, label, scaling = _merge_case(learner, rng, torch_gen, kind, dtype)
+    layer, w, b, delta, label, scaling, (bound, r) = _merge_case(learner, rng, torch_gen, kind, dtype)
     name = str(dtype).replace("torch.", "")
-    # float64: exact up to rounding; float32: B @ A over r <= 8 terms then one add, ~1e-7 relative.
-    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
     x = torch.randn(5, w.shape[1] if kind == "linear" else w.shape[0], generator=torch_gen, dtype=torch.float64).to(dtype)
+    tol = _merge_tolerance(bound, r, dtype)
+    # Outputs: the weight's rounding carried through x @ W.T, plus the matmul's own (d_in terms).
+    out_tol = _merge_tolerance(bound + float(w.double().abs().max()) * x.shape[-1], r, dtype, x)
     unmerged = layer(x)
     check(layer.merged is False, "a new LoRALinear has merged = False")
     layer.merge()
@@ -168,7 +182,7 @@ def test_merge_and_unmerge(learner, rng, torch_gen, kind, dtype):
                  "W += ((B @ A) * scaling).T for Conv1D, whose weight is [d_in, d_out]", **tol)
     # The merged layer must compute the same function; in float32 the two roundings differ by ~1e-6.
     assert_close(layer(x), unmerged, call=f"output of the merged layer ({label}, {name})",
-                 hint="once merged, forward must not add the LoRA branch a second time", **tol)
+                 hint="once merged, forward must not add the LoRA branch a second time", **out_tol)
     layer.merge()
     assert_close(layer.base.weight, w.double() + delta, call=f"base.weight after merging twice ({label}, {name})",
                  hint="a second merge() does nothing (check self.merged)", **tol)
@@ -176,7 +190,7 @@ def test_merge_and_unmerge(learner, rng, torch_gen, kind, dtype):
     check(layer.merged is False, "unmerge() sets self.merged = False")
     assert_close(layer.base.weight, w, call=f"base.weight after merge() then unmerge() ({label}, {name})",
                  hint="unmerge is the inverse of merge: W -= (B @ A) * scaling, in the same layout", **tol)
-    assert_close(layer(x), unmerged, call=f"output after merge() then unmerge() ({label}, {name})", **tol)
+    assert_close(layer(x), unmerged, call=f"output after merge() then unmerge() ({label}, {name})", **out_tol)
     layer.unmerge()
     assert_close(layer.base.weight, w, call=f"base.weight after a second unmerge() ({label}, {name})",
                  hint="unmerge() of an unmerged layer does nothing (check self.merged)", **tol)
@@ -185,16 +199,20 @@ def test_merge_and_unmerge(learner, rng, torch_gen, kind, dtype):
 @pytest.mark.group("merge")
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_in_bfloat16(learner, rng, torch_gen, kind):
-    layer, w, b, delta, label, _ = _merge_case(learner, rng, torch_gen, kind, torch.bfloat16)
+    layer, w, b, delta, label, _, _ = _merge_case(learner, rng, torch_gen, kind, torch.bfloat16)
     unmerged_weight = layer.base.weight
     layer.merge()
     merged = layer.base.weight
     check(merged.dtype == torch.bfloat16, f"merge() turned a bfloat16 weight into {merged.dtype}; keep the base weight's dtype")
-    # bf16 keeps 8 significant bits: each merged weight is rounded once (2**-8 relative), so the
-    # error is at most ~0.4% of |W + delta|, plus the rounding of delta itself.
-    assert_close(merged, w.double() + delta, rtol=1e-2, atol=1e-2, call=f"bf16 base.weight after merge() ({label})",
+    # bf16 keeps 8 significant bits, so each rounding costs at most u = 2**-8 of the value rounded.
+    # merge rounds delta (u|delta|) and then W + delta (u|W + delta|); unmerge subtracts the same
+    # rounded delta and rounds once more, leaving |W' - W| <= 2u|W| + u|delta| to first order.
+    # atol 2**-7 * max|delta| is twice the delta term's bound at its largest entry, rtol 2**-6 twice
+    # the |W| term's; a wrong merge or unmerge is off by a whole |delta|.
+    delta_scale = float(delta.abs().max())
+    tol = dict(rtol=2 ** -6, atol=2 ** -7 * delta_scale)
+    assert_close(merged, w.double() + delta, **tol, call=f"bf16 base.weight after merge() ({label})",
                  hint="compute B @ A in float32, then add it to W and round once")
     layer.unmerge()
-    # A bf16 round trip is not bit-exact: W + delta - delta rounds twice.
-    assert_close(layer.base.weight, unmerged_weight, rtol=2e-2, atol=2e-2,
+    assert_close(layer.base.weight, unmerged_weight, **tol,
                  call=f"bf16 base.weight after merge() then unmerge() ({label})")
