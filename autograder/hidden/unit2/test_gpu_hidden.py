@@ -71,16 +71,18 @@ def _peak(learner, fn, args, backward=False):
 @pytest.mark.gpu
 @pytest.mark.group("attention_gpu")
 def test_gpu_blockwise_peak_memory(learner, torch_gen):
-    attention, blockwise = learner.module("attention"), learner.module("blockwise")
+    blockwise = learner.module("blockwise")
     b, h, d = 1, 8, 64
-    # 8k tokens: the learner's materialised attention against the blockwise one, same inputs.
+    # Measured against the size of the score matrix, not against the learner's own materialised
+    # attention, so a slow Part A costs no points here.  At 8k tokens the bf16 scores are 1 GiB; a
+    # blockwise pass keeps a few [8192, 128] float32 blocks per head (the course's: 161 MiB on an H200).
     q, k, v = _qkv(torch_gen, (b, h, 8192, d), torch.bfloat16)
-    materialised = _peak(learner, attention.scaled_dot_product_attention, [q, k, v, None, True])
     blocked = _peak(learner, blockwise.blockwise_attention, [q, k, v, True, 128])
-    check(blocked < materialised / 8,
-          f"at 8192 tokens, 8 heads, bf16: blockwise_attention peaked at {blocked / 2**20:.0f} MiB above its inputs, "
-          f"scaled_dot_product_attention at {materialised / 2**20:.0f} MiB; the blockwise version should need a small "
-          "fraction: only [n_q, block_size] scores at a time, the running statistics in float32")
+    scores = b * h * 8192 * 8192 * 2
+    check(blocked < scores / 4,
+          f"at 8192 tokens, 8 heads, bf16: blockwise_attention peaked at {blocked / 2**20:.0f} MiB above its inputs; "
+          f"the bf16 score matrix alone is {scores / 2**20:.0f} MiB. The blockwise version should need a small fraction: "
+          "only [n_q, block_size] scores at a time, the running statistics in float32")
     # 16k tokens: a bf16 score matrix alone is 4 GiB, and materialising needs several of them;
     # one block of float32 scores is 64 MiB, and a careful blockwise pass keeps ~3-5 of those live.
     del q, k, v
