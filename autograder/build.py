@@ -4,6 +4,9 @@ Solution code sits between two lines that hold exactly ``### BEGIN SOLUTION`` an
 ``### END SOLUTION`` (nothing else on the line, so a docstring that mentions the marker text
 never opens a region).  A region becomes ``raise NotImplementedError`` with a message naming the
 function to fill in, indented like the BEGIN line, as nbgrader's ClearSolutions does.
+
+Notebooks (``.ipynb``) go through the same code path cell by cell: each code cell's regions become
+the same stubs, and outputs and execution counts are dropped, so exercises/ holds clean notebooks.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 from pathlib import Path
+
+import nbformat
 
 from autograder.manifest import REPO_ROOT, Course
 
@@ -95,15 +100,33 @@ def make_stub(source: str, filename: str, display_path: str) -> str:
     return stub
 
 
+def make_notebook_stub(source: str, filename: str, display_path: str) -> str:
+    """The learner's version of one solution notebook: every code cell through ``make_stub``, and
+    no outputs, execution counts or execution timings."""
+    notebook = nbformat.reads(source, as_version=nbformat.NO_CONVERT)
+    for index, cell in enumerate(notebook.cells):
+        cell.metadata.pop("execution", None)
+        if cell.cell_type != "code":
+            continue
+        stub = make_stub(cell.source, f"{filename} (cell {index})", display_path)
+        cell.source = stub if cell.source.endswith("\n") else stub.removesuffix("\n")
+        cell.outputs = []
+        cell.execution_count = None
+    return nbformat.writes(notebook) + "\n"
+
+
+STUBBERS = {".py": make_stub, ".ipynb": make_notebook_stub}
+
+
 def _copy_tree(src: Path, dst: Path, display_prefix: str, written: dict[Path, bytes]) -> None:
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if any(part in SKIPPED_NAMES for part in rel.parts) or path.is_dir():
             continue
         data = path.read_bytes()
-        if path.suffix == ".py":
-            text = data.decode("utf-8")
-            data = make_stub(text, str(path), f"{display_prefix}/{rel.as_posix()}").encode("utf-8")
+        stubber = STUBBERS.get(path.suffix)
+        if stubber:
+            data = stubber(data.decode("utf-8"), str(path), f"{display_prefix}/{rel.as_posix()}").encode("utf-8")
         written[dst / rel] = data
 
 
