@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+):
 #   make grade   grade exercises/ (your work) with the visible and hidden tests
 #   make test    the course's own test suite (instructors, CI)
+#   make lab     open the course in JupyterLab (the notebooks run with .venv as their kernel)
 # Both create .venv and install what is missing.  TORCH_SPEC pins the torch build: the default
 # takes the CPU build where one is on disk and PyPI's (CUDA) build elsewhere; any torch >= 2.4 works:
 #   make grade TORCH_SPEC="torch>=2.4"
@@ -37,6 +38,10 @@ check: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.grading
+
+# The venv's jupyter: its python3 kernel is the venv's python.  LAB_ARGS: e.g. --no-browser --port 8890
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/exercises $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
