@@ -103,6 +103,28 @@ def build(check):
     console.print(f"{len(changed)} file(s) changed")
 
 
+@main.group()
+def nbgrader() -> None:
+    """The course as an nbgrader course, for JupyterHub."""
+
+
+@nbgrader.command("export")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--unit", "units", multiple=True, help="export only this unit (repeatable)")
+def nbgrader_export(directory, units):
+    """Write an nbgrader course directory: one assignment per unit (its notebook with a graded cell
+    per scoring group, its .py stubs), and nbgrader_config.py. Then, in DIRECTORY:
+    `nbgrader generate_assignment unitN`, and after collecting submissions `nbgrader autograde unitN`."""
+    from autograder.nbgrading import export
+
+    course = _course()
+    try:
+        written = export(course, directory, list(units) or None)
+    except (ManifestError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"wrote {len(written)} file(s) under {directory}")
+
+
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("submission.zip"), show_default=True)
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="folder of unit folders (default exercises/)")
