@@ -7,7 +7,7 @@ function to fill in, indented like the BEGIN line, as nbgrader's ClearSolutions 
 
 Notebooks (``.ipynb``) go through the same code path cell by cell: each code cell's regions become
 the same stubs, and outputs and execution counts are dropped, so exercises/ holds clean notebooks.
-"""
+Code cells are parsed like a .py file, so they hold plain Python (no ``%magics``)."""
 
 from __future__ import annotations
 

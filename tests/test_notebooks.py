@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 from autograder.manifest import REPO_ROOT, load_course
 
 UNITS = [unit.dir for unit in load_course().units]
-WHICH_PYTHON = "import sys; print(sys.executable)"
+WHICH_ENVIRONMENT = "import sys; print(sys.prefix)"
 
 
 def notebook_of(tree: str, unit: str) -> Path:
@@ -41,9 +41,9 @@ def printed(notebook) -> str:
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_solution_notebook_runs_and_plots(unit):
-    notebook = execute(notebook_of("solutions", unit), [WHICH_PYTHON])
-    # The kernel is the project's environment, not whatever python3 is first on the PATH.
-    assert Path(notebook.cells[-1].outputs[0].text.strip()).resolve() == Path(sys.executable).resolve()
+    notebook = execute(notebook_of("solutions", unit), [WHICH_ENVIRONMENT])
+    # The kernel runs in the project's environment (its venv), not in whatever python3 is on the PATH.
+    assert notebook.cells[-1].outputs[0].text.strip() == sys.prefix
     text = printed(notebook)
     assert "TODO" not in text and "Skipped" not in text, f"the solution notebook skipped a step:\n{text}"
     plots = [out for out in outputs(notebook, "display_data") if "image/png" in out.data]
