@@ -103,6 +103,8 @@ def _grade_one(course: Course, learner: str, path: Path, units: list[str] | None
             return Outcome(learner, stored, skipped=True)
     elif stored is not None:
         return Outcome(learner, stored, skipped=True)
+    if path.is_dir() and (path / "exercises").is_dir():
+        path = path / "exercises"  # a clone of the learner's repository (GitHub Classroom)
     try:
         report = grade(course, path, units, isolation=isolation, extra_args=extra_args).to_json()
     except SubmissionError as exc:

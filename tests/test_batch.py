@@ -28,7 +28,7 @@ def _unit1(folder: Path, source: Path = REPO_ROOT / "solutions") -> Path:
     return folder
 
 
-def _report(unit_id: str, tests: list[TestResult]) -> dict:
+def _report(unit_id: str, tests: list[Result]) -> dict:
     unit = score_unit(COURSE, COURSE.unit(unit_id), UnitResult(unit_id, COURSE.unit(unit_id).title, tests=tests))
     return Report(COURSE.course, COURSE.version, [unit], "bwrap").to_json()
 
@@ -40,7 +40,7 @@ def _rows(path: Path) -> dict[str, dict]:
 
 def test_grade_all_one_unit_end_to_end(tmp_path):
     subs = tmp_path / "submissions"
-    _unit1(subs / "solved")
+    _unit1(subs / "solved" / "exercises")  # a clone of the learner's repository
     broken = _unit1(subs / "broken")
     (broken / "unit1" / "autograd.py").write_text("class Value:\n    def __init__(self, data\n")
     hostile = _unit1(subs / "hostile", REPO_ROOT / "exercises")

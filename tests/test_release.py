@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,11 @@ def test_release_works_from_a_fresh_copy(release, tmp_path):
     imported = subprocess.run([str(venv / "bin" / "python"), "-c", "import autograder; print(autograder.__file__)"],
                               cwd=tmp_path, env=env, capture_output=True, text=True)
     assert Path(imported.stdout.strip()) == fresh / "autograder" / "__init__.py", imported.stdout + imported.stderr
+
+    python = str(venv / "bin" / "python")
+    packed = subprocess.run([python, "-m", "autograder", "submit", "--skip-tests", "--out", "hand-in.zip"], cwd=fresh,
+                            env=env, capture_output=True, text=True)
+    assert packed.returncode == 0, packed.stdout + packed.stderr
+    assert "unit1/autograd.py" in zipfile.ZipFile(fresh / "hand-in.zip").namelist()
+    build = subprocess.run([python, "-m", "autograder", "build"], cwd=fresh, env=env, capture_output=True, text=True)
+    assert build.returncode != 0 and "student release" in build.stderr
