@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import shutil
 import tempfile
 import zipfile
@@ -46,7 +47,7 @@ def requirements(root: Path = REPO_ROOT) -> str:
     """What the grader needs besides torch (pinned on its own line by setup.sh): the course's
     dependencies and the oracles the hidden tests compare against."""
     project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    needed = [r for r in project["dependencies"] if not r.replace(" ", "").startswith("torch")]
+    needed = [r for r in project["dependencies"] if re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0] != "torch"]
     return "\n".join(needed + project["optional-dependencies"]["oracles"]) + "\n"
 
 

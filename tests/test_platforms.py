@@ -172,3 +172,17 @@ def test_github_classroom_workflow(tmp_path):
     solved = subprocess.run(command, cwd=release, env=ENV, capture_output=True, text=True)
     assert solved.returncode == 0, solved.stdout[-2000:] + solved.stderr[-2000:]
     assert "hidden tests are not included" in " ".join(solved.stdout.split())
+
+
+def test_gradescope_names_no_hidden_test_when_the_course_shows_none():
+    from autograder.reporters import gradescope_results
+    from autograder.scoring import Report, UnitResult
+    from autograder.scoring import TestResult as Result
+
+    unit = UnitResult("unit1", "U", tests=[Result("hidden/test_x_hidden.py::test_secret_case", "fused", "hidden", "failed",
+                                                  "a hidden test failed"),
+                                           Result("test_fused.py::test_shown", "fused", "visible", "passed")])
+    silent = COURSE.model_copy(update={"hidden_feedback": "none"})
+    names = [t["name"] for t in gradescope_results(Report("c", "1", [unit]), silent)["tests"]]
+    assert names == ["unit1 hidden test 1", "unit1 test_fused.py::test_shown"]
+    assert "test_secret_case" in gradescope_results(Report("c", "1", [unit]), COURSE)["tests"][0]["name"]
