@@ -130,7 +130,7 @@ def unit_command(unit_id: str, python: str = ".venv/bin/python") -> str:
 
 
 def classroom_workflow(course: Course, torch_index: str | None = None, python_version: str = "3.11") -> dict:
-    setup = ["sudo apt-get install -y -qq bubblewrap || echo 'no bubblewrap: grading without a sandbox'"]
+    setup = ["(sudo apt-get update -qq && sudo apt-get install -y -qq bubblewrap) || echo 'no bubblewrap: grading without a sandbox'"]
     if torch_index:
         setup += ["python -m venv .venv", f'.venv/bin/python -m pip install --quiet "{torch_spec()}" --index-url "{torch_index}"']
     setup.append("make setup")
@@ -156,6 +156,14 @@ def classroom_workflow(course: Course, torch_index: str | None = None, python_ve
                                                "if": "github.actor != 'github-classroom[bot]'", "steps": steps}}}
 
 
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (a step's script) as YAML literal blocks, the way workflows are written."""
+
+
+_BlockDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
 def protected_paths(course: Course) -> list[str]:
     provided = sorted({p for u in course.units for p in u.provided})
     return [".github/**", "exercises/**/test_*.py", "autograder/**", "course.yml", "pyproject.toml", "Makefile",
@@ -168,7 +176,7 @@ def write_classroom(course: Course, out: Path, torch_index: str | None = None) -
     stream = io.StringIO()
     stream.write("# GitHub Classroom autograding: one command-grader step per unit; a unit's points are\n"
                  "# earned when all its graded visible tests pass.  Written by `course export github-classroom`.\n")
-    yaml.safe_dump(classroom_workflow(course, torch_index), stream, sort_keys=False, width=120)
+    yaml.dump(classroom_workflow(course, torch_index), stream, Dumper=_BlockDumper, sort_keys=False, width=120)
     workflow.write_text(stream.getvalue(), encoding="utf-8")
     rows = "\n".join(f"| {u.id} | {u.title} | {int(u.points)} | `{unit_command(u.id)}` |" for u in course.units)
     paths = "\n".join(f"- `{p}`" for p in protected_paths(course))
