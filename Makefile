@@ -8,7 +8,7 @@
 
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 

@@ -1,4 +1,4 @@
-"""The `course` command: grade, submit, build."""
+"""The `course` command: grade, submit, build; release, grade-all and exports for instructors."""
 
 from __future__ import annotations
 
@@ -40,12 +40,15 @@ def main() -> None:
 @click.option("--gpu", default="auto", type=click.Choice(["auto", "require"]),
               help="require: fail loudly when no CUDA GPU is visible, instead of leaving GPU tests not graded")
 @click.option("--only", type=click.Choice(["gpu"]), default=None, help="gpu: run only the GPU-marked tests")
-def grade(path, units, json_out, gradescope, isolation, jobs, gpu, only):
+@click.option("--fail-under", type=click.FloatRange(0, 100), default=None,
+              help="exit 1 when the score is under this percentage of the maximum (100: full marks only)")
+def grade(path, units, json_out, gradescope, isolation, jobs, gpu, only, fail_under):
     """Grade PATH (a folder like exercises/, or a zip from `course submit`; default exercises/).
 
-    Exits 0 whatever the score; non-zero only when the submission could not be graded."""
+    Exits 0 whatever the score (unless --fail-under says otherwise); non-zero when the submission
+    could not be graded."""
     from autograder.reporters import print_report, print_unit, write_gradescope, write_json
-    from autograder.runner import grade as run_grade
+    from autograder.runner import HIDDEN_ROOT, grade as run_grade
     from autograder.submission import SubmissionError
 
     course = _course()
@@ -74,14 +77,27 @@ def grade(path, units, json_out, gradescope, isolation, jobs, gpu, only):
         write_json(report, json_out)
     if gradescope:
         write_gradescope(report, course, gradescope)
+    if not HIDDEN_ROOT.is_dir():
+        console.print("[yellow]The hidden tests are not included in this copy of the course: this score counts "
+                      "the visible tests only. Your grade comes from the grader, which also runs the hidden tests.")
     if any(u.error for u in report.units):
         sys.exit(3)
+    if fail_under is not None and report.score < report.max_score * fail_under / 100 - 1e-9:
+        console.print(f"[red]score {report.score:g} / {report.max_score:g} is under {fail_under:g}%")
+        sys.exit(1)
+
+
+def _instructor_only(command: str) -> None:
+    if not (REPO_ROOT / "solutions").is_dir():
+        raise click.ClickException(f"`course {command}` is for the instructor's repository (it needs solutions/ "
+                                   "and the hidden tests); this is the student release")
 
 
 @main.command()
 @click.option("--check", is_flag=True, help="exit 1 and name the files that differ, writing nothing")
 def build(check):
     """Generate exercises/ (the learner's stubs) from solutions/."""
+    _instructor_only("build")
     from autograder.build import MarkerError, build as run_build, drift
 
     course = _course()
@@ -163,6 +179,135 @@ def _print_visible_summary(course, results: Path) -> None:
         passed = sum(r["outcome"] == "passed" for r in mine)
         table.add_row(f"{unit.id}: {unit.title}", f"{passed}/{len(mine)}")
     console.print(table)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+def release(out):
+    """Write the student repository into OUT (new or empty): exercises, visible tests, handouts, the
+    learner's part of the engine, a README and Makefile; no solutions, hidden tests or course tests."""
+    _instructor_only("release")
+    from autograder.build import MarkerError
+    from autograder.release import ReleaseError, write_release
+
+    try:
+        written = write_release(_course(), out)
+    except (ReleaseError, MarkerError) as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"wrote {len(written)} files into {out}")
+
+
+@main.command("grade-all")
+@click.argument("submissions", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the gradebook; finished reports are kept in CSV.d/ so a rerun resumes")
+@click.option("--jobs", default=2, show_default=True, help="submissions graded at once")
+@click.option("--feedback", type=click.Path(file_okay=False, path_type=Path), help="write LEARNER.md here for each learner")
+@click.option("--unit", "units", multiple=True, help="grade only this unit (repeatable)")
+@click.option("--only", type=click.Choice(["gpu"]), default=None,
+              help="gpu: grade only the GPU-marked tests (a CUDA GPU is required) and merge them into the gradebook")
+@click.option("--isolation", default="auto", type=click.Choice(["auto", "bwrap", "user", "none"]))
+def grade_all(submissions, csv_path, jobs, feedback, units, only, isolation):
+    """Grade every submission in SUBMISSIONS (zips from `course submit` or folders like exercises/,
+    one per learner, named after the learner) into a gradebook CSV and feedback files."""
+    _instructor_only("grade-all")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autograder.batch import find_submissions, grade_all as run_batch, write_gradebook
+    from autograder.reporters import feedback_markdown
+    from autograder.submission import SubmissionError
+
+    course = _course()
+    for unit in units:
+        _unit_or_fail(course, unit)
+    if only == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.ClickException("--only gpu: torch sees no CUDA GPU on this machine; run the GPU pass on "
+                                       "a machine with one")
+    try:
+        count = len(find_submissions(submissions))
+    except SubmissionError as exc:
+        raise click.ClickException(str(exc)) from None
+    state = csv_path.with_name(csv_path.name + ".d")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("grading" + (" (GPU pass)" if only else ""), total=count)
+
+        def done(outcome):
+            word = "done before" if outcome.skipped else ("FAILED: " + outcome.error if outcome.report is None else "graded")
+            progress.console.print(f"{outcome.learner}: {word}")
+            progress.advance(task)
+
+        outcomes = run_batch(course, submissions, state, units=list(units) or None, jobs=jobs,
+                             only_gpu=only == "gpu", isolation=isolation, on_done=done)
+    write_gradebook(course, outcomes, csv_path, list(units) or None)
+    if feedback:
+        feedback.mkdir(parents=True, exist_ok=True)
+        for outcome in outcomes:
+            if outcome.report is not None:
+                (feedback / f"{outcome.learner}.md").write_text(
+                    feedback_markdown(outcome.report, course, outcome.learner), encoding="utf-8")
+    failed = [o.learner for o in outcomes if o.report is None]
+    console.print(f"{len(outcomes) - len(failed)} of {len(outcomes)} graded; gradebook {csv_path}; reports {state}/")
+    if failed:
+        console.print(f"[red]not graded (rerun to retry): {', '.join(failed)}")
+        sys.exit(3)
+
+
+def _unit_or_fail(course, unit_id):
+    try:
+        return course.unit(unit_id)
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def export():
+    """Package the course for a platform that runs graders at scale."""
+
+
+@export.command("gradescope")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--torch-index", help="the package index setup.sh installs torch from (e.g. PyTorch's CPU-only one)")
+def export_gradescope(out, torch_index):
+    """Write a Gradescope autograder zip (setup.sh, run_autograder, the course with its hidden tests)."""
+    _instructor_only("export")
+    from autograder.export import write_gradescope_zip
+
+    count = write_gradescope_zip(_course(), out, torch_index)
+    console.print(f"wrote {out} ({count} files); upload it as the assignment's autograder")
+
+
+@export.command("github-classroom")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--torch-index", help="the package index the workflow installs torch from")
+def export_classroom(out, torch_index):
+    """Write OUT/.github/workflows/classroom.yml (points per unit) and OUT/CLASSROOM.md (protected paths);
+    OUT is normally a student release."""
+    _instructor_only("export")
+    from autograder.export import ExportError, write_classroom
+
+    try:
+        written = write_classroom(_course(), out, torch_index)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+@main.command("gradescope-run", hidden=True)
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--unit", "units", multiple=True)
+@click.option("--jobs", default=1)
+def gradescope_run(submission, results, units, jobs):
+    """Gradescope's run_autograder calls this: grade SUBMISSION, write RESULTS (results.json)."""
+    from autograder.export import gradescope_run as run
+
+    data = run(_course(), submission, results, list(units) or None, jobs)
+    console.print(f"score {data['score']}; wrote {results}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,9 @@ def gradescope_results(report: Report, course: Course) -> dict:
             number += 1
             ungraded = test.status == NOT_GRADED
             entry = {
-                "name": f"{unit.id} {test.name}",
+                # With hidden_feedback "none" not even a hidden test's name is shown.
+                "name": f"{unit.id} {test.name}" if test.visibility == "visible" or course.hidden_feedback != "none"
+                        else f"{unit.id} hidden test {number}",
                 "number": str(number),
                 "score": round(test.score, 4),
                 "max_score": round(test.max_score, 4),
@@ -107,3 +109,37 @@ def gradescope_results(report: Report, course: Course) -> dict:
 def write_gradescope(report: Report, course: Course, path: Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(gradescope_results(report, course), indent=2), encoding="utf-8")
+
+
+def feedback_markdown(report: dict, course: Course, learner: str) -> str:
+    """A learner's feedback file from a JSON report, showing hidden tests only as far as course.yml's
+    ``hidden_feedback`` allows: ``full`` and ``summary`` name each failed hidden test with its
+    (already shortened) message; ``none`` names no hidden test and gives counts per part only."""
+    lines = [f"# {course.title}: feedback for {learner}", "",
+             f"**Total: {_points(report['score'])} / {_points(report['max_score'])}**", ""]
+    if report.get("refused"):
+        lines += [report["refused"], ""]
+    for unit in report["units"]:
+        lines += [f"## {unit['id']}: {unit['title']}: {_points(unit['score'])} / {_points(unit['max_score'])}", ""]
+        if unit.get("groups"):
+            lines += ["| part | tests passed | points |", "|---|---|---|"]
+            lines += [f"| {g['title']} | {g['passed']}/{g['total']} | {_points(g['score'])} / {_points(g['max_score'])} |"
+                      for g in unit["groups"]]
+            lines.append("")
+        for note in ([unit["error"]] if unit.get("error") else []) + unit.get("notes", []):
+            lines.append(f"- note: {note}")
+        tests = unit.get("tests", [])
+        ungraded = sum(t["status"] == NOT_GRADED for t in tests)
+        if ungraded:
+            lines.append(f"- {ungraded} GPU test(s) not graded yet: needs a CUDA GPU")
+        failed = [t for t in tests if t["status"] not in ("passed", NOT_GRADED)]
+        shown = [t for t in failed if t["visibility"] == "visible" or course.hidden_feedback != "none"]
+        for test in shown:
+            message = test.get("output", "").strip() or test["status"]
+            if test["visibility"] == "hidden":
+                message = message.splitlines()[0] if course.hidden_feedback == "summary" else message
+            lines += [f"- failed: `{test['name']}`", "", "  ```", *[f"  {l}" for l in message.splitlines()[:12]], "  ```"]
+        if len(shown) < len(failed):
+            lines.append(f"- {len(failed) - len(shown)} hidden test(s) failed; the course does not show which")
+        lines.append("")
+    return "\n".join(lines)

@@ -105,7 +105,8 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
                                        nodeid=test["nodeid"]))
     if timed_out:
         result.notes.append(f"the unit's tests ran past {limits.unit_timeout:g} s and were stopped")
-    return score_unit(course, unit, result)
+    # Without the hidden suite (a student release), a group only hidden tests cover is not tested.
+    return score_unit(course, unit, result, empty_groups_count=hidden and (HIDDEN_ROOT / unit.id).is_dir())
 
 
 def grade(course: Course, submission: Path | str, unit_ids: list[str] | None = None, *, isolation: str = "auto",

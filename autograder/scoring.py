@@ -80,15 +80,18 @@ class Report:
                 {"id": u.id, "title": u.title, "score": round(u.score, 4), "max_score": round(u.max_score, 4),
                  "notes": u.notes, "error": u.error, "seconds": round(u.seconds, 2),
                  "groups": [asdict(g) for g in u.groups],
-                 "tests": [{"name": t.name, "group": t.group, "score": round(t.score, 4), "max_score": round(t.max_score, 4),
+                 "tests": [{"name": t.name, "nodeid": t.nodeid, "group": t.group, "score": round(t.score, 4), "max_score": round(t.max_score, 4),
                             "status": t.status, "visibility": t.visibility, "output": t.output} for t in u.tests]}
                 for u in self.units
             ],
         }
 
 
-def score_unit(course: Course, unit: Unit, result: UnitResult) -> UnitResult:
-    """Fill in points on ``result.tests`` (statuses already set) and the unit's totals."""
+def score_unit(course: Course, unit: Unit, result: UnitResult, empty_groups_count: bool = True) -> UnitResult:
+    """Fill in points on ``result.tests`` (statuses already set) and the unit's totals.
+
+    ``empty_groups_count=False`` is for runs without the hidden suite (a student release): a group
+    that only hidden tests cover is then simply not tested, rather than scored 0."""
     count_ungraded = course.gpu_when_missing == "zero"
     result.groups = []
     for group in unit.groups:
@@ -99,9 +102,17 @@ def score_unit(course: Course, unit: Unit, result: UnitResult) -> UnitResult:
             t.max_score = share if t in counted else 0.0
             t.score = share if t.status == "passed" else 0.0
         # A group with no tests at all (its file failed to load) still counts, at zero.
-        group_max = group.points if counted or not tests else 0.0
+        group_max = group.points if counted or (not tests and empty_groups_count) else 0.0
         result.groups.append(GroupResult(group.id, group.title, sum(t.score for t in tests), group_max,
                                          sum(t.status == "passed" for t in tests), len(counted)))
     result.score = sum(g.score for g in result.groups)
     result.max_score = sum(g.max_score for g in result.groups)
     return result
+
+
+def unit_from_json(data: dict) -> UnitResult:
+    """A unit of a stored JSON report, back as a UnitResult (points are recomputed by score_unit)."""
+    tests = [TestResult(t["name"], t["group"], t["visibility"], t["status"], t.get("output", ""),
+                        nodeid=t.get("nodeid", "")) for t in data["tests"]]
+    return UnitResult(data["id"], data["title"], tests=tests, notes=list(data.get("notes", [])),
+                      error=data.get("error"), seconds=data.get("seconds", 0.0))
