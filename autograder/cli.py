@@ -131,6 +131,7 @@ def nbgrader_export(directory, units):
     """Write an nbgrader course directory: one assignment per unit (its notebook with a graded cell
     per scoring group, its .py stubs), and nbgrader_config.py. Then, in DIRECTORY:
     `nbgrader generate_assignment unitN`, and after collecting submissions `nbgrader autograde unitN`."""
+    _instructor_only("nbgrader export")
     from autograder.nbgrading import export
 
     course = _course()

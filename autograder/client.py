@@ -73,6 +73,10 @@ class CallTimeout(WorkerDied):
     """A call into learner code ran past its time limit."""
 
 
+class WorkerStartFailed(WorkerDied):
+    """A new worker did not come up (the machine, not the learner's code)."""
+
+
 _ERROR_TYPES: dict[str, type] = {}
 
 
@@ -262,6 +266,8 @@ def trusted_device(device: str) -> str:
     return "cpu"
 
 
+STRIKES = 2
+
 # Generous: a cold start imports torch (and transformers in later units) on a busy machine.
 STARTUP_TIMEOUT = 180.0
 
@@ -275,6 +281,13 @@ class WorkerBackend(Backend):
         self.call_timeout = call_timeout
         self.worker = None
         self.restarts = 0
+        # Imports that killed or hung the worker: a module that does so at import will do so again,
+        # so later tests fail at once with the same reason instead of restarting the worker each time.
+        self.fatal_imports: dict[str, LearnerError] = {}
+        # Likewise a function that crashed or hung the worker STRIKES times is not called again, so
+        # one endless loop cannot use up the unit's time that the rest of the submission needs.
+        self.strikes: dict[str, int] = {}
+        self.last_failure: dict[str, LearnerError] = {}
 
     @property
     def isolation(self) -> str:  # type: ignore[override]
@@ -300,10 +313,30 @@ class WorkerBackend(Backend):
                 self.worker.wait_ready(STARTUP_TIMEOUT)
             except (EOFError, OSError):
                 reason = self.worker.death_reason()
-                raise WorkerDied("WorkerDied", f"the worker process could not start: {reason}", []) from None
+                raise WorkerStartFailed("WorkerDied", f"the worker process could not start: {reason}", []) from None
         return self.worker
 
     def request(self, request: dict, call: Callable[[], str]) -> Any:
+        importing = request.get("op") == "import" and request.get("module")
+        described = call()
+        function = described.split("(", 1)[0]
+        if importing in self.fatal_imports or self.strikes.get(function, 0) >= STRIKES:
+            first = self.fatal_imports.get(importing) or self.last_failure[function]
+            why = (f"at an earlier import of {importing}" if importing else
+                   f"{function} crashed or hung the worker {STRIKES} times already")
+            raise type(first)(first.type_name, f"{first.message} ({why}; not called again)", [], described)
+        try:
+            return self._request(request, lambda: described)
+        except WorkerStartFailed:
+            raise
+        except WorkerDied as exc:
+            if importing:
+                self.fatal_imports[importing] = exc
+            self.strikes[function] = self.strikes.get(function, 0) + 1
+            self.last_failure[function] = exc
+            raise
+
+    def _request(self, request: dict, call: Callable[[], str]) -> Any:
         with self.lock:
             worker = self._ensure_worker()
             message = dict(request)

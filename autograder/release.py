@@ -17,7 +17,7 @@ from autograder.manifest import REPO_ROOT, Course
 
 TEMPLATES = REPO_ROOT / "templates"
 # Modules that need solutions/ or the hidden suite: building stubs, releasing, batch grading, exports.
-INSTRUCTOR_ONLY = {"build.py", "release.py", "batch.py", "export.py", "hidden"}
+INSTRUCTOR_ONLY = {"build.py", "release.py", "batch.py", "export.py", "nbgrading.py", "hidden"}
 
 
 class ReleaseError(Exception):

@@ -28,6 +28,14 @@ sys.exit(1 if bad or not tests(solved) else 0)
 PY
 echo "=== GPU mutants"
 $PY -m benchmarks.gpu_mutants 2>&1 | tee "$OUT/gpu-mutants.txt" || status=1
+echo "=== grade-all: a CPU pass, then the GPU pass merged into the same gradebook (unit1)"
+rm -rf "$OUT/batch" && mkdir -p "$OUT/batch/subs"
+cp -r solutions "$OUT/batch/subs/solved" && cp -r exercises "$OUT/batch/subs/untouched"
+$PY -m autograder grade-all "$OUT/batch/subs" --csv "$OUT/batch/gradebook.csv" --unit unit1 --jobs 2 || status=1
+cp "$OUT/batch/gradebook.csv" "$OUT/gradebook-cpu.csv"
+$PY -m autograder grade-all "$OUT/batch/subs" --csv "$OUT/batch/gradebook.csv" --unit unit1 --jobs 2 --only gpu || status=1
+cp "$OUT/batch/gradebook.csv" "$OUT/gradebook-gpu.csv"
+cat "$OUT/gradebook-cpu.csv" "$OUT/gradebook-gpu.csv"
 for unit in ${BENCH_UNITS-unit2 unit4 unit5}; do
   echo "=== benchmarks.$unit"
   timeout "${BENCH_TIMEOUT:-120}" $PY -m benchmarks.$unit 2>&1 | tee "$OUT/bench-$unit.txt" || status=1

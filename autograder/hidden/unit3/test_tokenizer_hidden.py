@@ -214,6 +214,20 @@ def test_encode_iterable_any_chunking(learner, seed, parts, data):
 
 
 @pytest.mark.group("stream")
+@pytest.mark.parametrize("chunks", [["x\n\n", "A"], ["x\n\n\n", "A"], ["a \n\n", "b"], ["word\t\t", "\tX"]])
+def test_encode_iterable_whitespace_run_cut_by_a_chunk(learner, chunks):
+    """A whitespace run splits by what follows it: "\n\n" + "A" is "\n", "\n", "A", so a chunk ending
+    in whitespace must not be encoded before the next one arrives.  Merges of two whitespace
+    characters make the difference visible in the ids."""
+    oracle = Oracle([(b"\n", b"\n"), (b"\t", b"\t"), (b" ", b"\n")], [])
+    tok = oracle.learner_tokenizer(learner)
+    got = learner.lib("builtins").list(tok.encode_iterable(chunks))
+    check_ids(got, oracle.encode("".join(chunks)), oracle, f"encode_iterable({chunks!r}) with merges (\\n,\\n), (\\t,\\t), ( ,\\n)",
+              hint="hold back the whitespace just before the last pre-tokens too: it can split differently once "
+                   "the next chunk arrives")
+
+
+@pytest.mark.group("stream")
 def test_encode_iterable_special_token_cut_everywhere(learner, seed):
     oracle, tok = trained(learner, seed)
     text = f"the end.{EOT}{EOT} Next doc"
