@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from collections import Counter, defaultdict
 from typing import Iterable, Iterator
 
@@ -126,8 +127,9 @@ class Tokenizer:
     def encode_pretoken(self, pretoken: bytes) -> list[int]:
         """Ids of one pre-token: start from single bytes and, while any adjacent pair is a merge,
         merge the pair of lowest rank (earliest learned) everywhere in the pre-token."""
-        # TODO: parts = single bytes; loop: best = min over adjacent pairs by self.ranks (missing: infinite);
-        #       stop if best is no merge; parts = merge_word(parts, best, best[0] + best[1]). Return self.id_of[part]s.
+        # TODO: parts = single bytes; loop: best = the adjacent pair of lowest rank in self.ranks (a pair not in
+        #       it never merges); stop if there is none; parts = merge_word(parts, best, best[0] + best[1]).
+        #       Return the ids of the parts (self.id_of).
         # YOUR CODE HERE
         raise NotImplementedError("TODO: fill in Tokenizer.encode_pretoken in exercises/unit3/bpe.py")
 

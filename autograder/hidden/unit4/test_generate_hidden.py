@@ -159,7 +159,12 @@ def test_reused_cache_is_reset(learner, rng, seed):
     idx, new = prompt_batch(rng, cfg["vocab_size"], 1, 10)
     cache = kv.KVCache.for_model(model, 1, 40)
     first = gen.generate(model, idx, new, cache=cache)
+    length_after_first = cache.length
     second = gen.generate(model, idx, new, cache=cache)
+    # A random model's greedy tokens can come out the same from a stale cache, its length cannot.
+    check(cache.length == length_after_first,
+          f"after a second generate(..., cache=the same KVCache) the cache holds {cache.length} positions, after the "
+          f"first {length_after_first}: reset a cache you are given before the prefill")
     fresh = gen.generate(model, idx, new)
     check(torch.equal(first, fresh) and torch.equal(second, fresh),
           f"generate(..., cache=the same KVCache) twice gave {show(first)} then {show(second)}; a fresh cache gives "
