@@ -268,6 +268,11 @@ def trusted_device(device: str) -> str:
 
 STRIKES = 2
 
+
+def _function_of(described: str) -> str:
+    """The function a request description names: "mul(Value, Value)" -> "mul"."""
+    return described.split("(", 1)[0]
+
 # Generous: a cold start imports torch (and transformers in later units) on a busy machine.
 STARTUP_TIMEOUT = 180.0
 
@@ -318,23 +323,29 @@ class WorkerBackend(Backend):
 
     def request(self, request: dict, call: Callable[[], str]) -> Any:
         importing = request.get("op") == "import" and request.get("module")
-        described = call()
-        function = described.split("(", 1)[0]
-        if importing in self.fatal_imports or self.strikes.get(function, 0) >= STRIKES:
-            first = self.fatal_imports.get(importing) or self.last_failure[function]
-            why = (f"at an earlier import of {importing}" if importing else
-                   f"{function} crashed or hung the worker {STRIKES} times already")
-            raise type(first)(first.type_name, f"{first.message} ({why}; not called again)", [], described)
+        if importing in self.fatal_imports:
+            self._refuse(self.fatal_imports[importing], f"at an earlier import of {importing}", call())
+        if self.strikes:  # describing every call costs time; only needed once something has failed
+            described = call()
+            function = _function_of(described)
+            if self.strikes.get(function, 0) >= STRIKES:
+                self._refuse(self.last_failure[function], f"{function} crashed or hung the worker {STRIKES} times already",
+                             described)
         try:
-            return self._request(request, lambda: described)
+            return self._request(request, call)
         except WorkerStartFailed:
             raise
         except WorkerDied as exc:
             if importing:
                 self.fatal_imports[importing] = exc
+            function = _function_of(exc.call)
             self.strikes[function] = self.strikes.get(function, 0) + 1
             self.last_failure[function] = exc
             raise
+
+    @staticmethod
+    def _refuse(first: LearnerError, why: str, described: str):
+        raise type(first)(first.type_name, f"{first.message} ({why}; not called again)", [], described)
 
     def _request(self, request: dict, call: Callable[[], str]) -> Any:
         with self.lock:
