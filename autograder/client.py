@@ -266,15 +266,15 @@ def trusted_device(device: str) -> str:
     return "cpu"
 
 
+# Generous: a cold start imports torch (and transformers in later units) on a busy machine.
+STARTUP_TIMEOUT = 180.0
+# Crashes or hangs of one function after which it is not called again.
 STRIKES = 2
 
 
 def _function_of(described: str) -> str:
     """The function a request description names: "mul(Value, Value)" -> "mul"."""
     return described.split("(", 1)[0]
-
-# Generous: a cold start imports torch (and transformers in later units) on a busy machine.
-STARTUP_TIMEOUT = 180.0
 
 
 class WorkerBackend(Backend):
