@@ -3,9 +3,11 @@
     python -m benchmarks.unit4                      # the course's solutions
     python -m benchmarks.unit4 --root exercises     # your own code
 
-CPU: one thread, medians of interleaved runs, several lengths.  GPU (when present): batched decode
-tokens/s at batch 1-32 and the achieved memory bandwidth (bytes read per step: weights plus the
-cache's filled part) as a fraction of a device-to-device copy measured in the same run.
+CPU: one thread, medians of interleaved runs, several lengths; then the static decode step (Part C)
+against forward_with_cache, per token.  GPU (when present): batched decode tokens/s at batch 1-32 and
+the achieved memory bandwidth (bytes read per step: weights plus the cache's filled part) as a
+fraction of a device-to-device copy measured in the same run; then one decode step three ways:
+forward_with_cache, decode_step eagerly, and decode_step captured once as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,47 @@ def cpu_table(gpt, gen, repeats: int) -> None:
               f"{cached / new * 1e3:>16.2f}")
 
 
+def decode_seconds(kv, model, idx: torch.Tensor, prompt: int, static: bool, graphed: bool = False) -> float:
+    """Seconds for the decode steps after a prefill of ``prompt`` tokens (the prefill is not timed):
+    forward_with_cache per token, or the static decode_step, eagerly or replayed from a CUDA graph."""
+    from autograder.worker.harness import GraphedDecodeStep
+
+    batch, total = idx.shape
+    cache = kv.KVCache.for_model(model, batch, total)
+    slots = torch.arange(total, device=idx.device)  # made once: no host-to-device copy per step
+    with torch.no_grad():
+        kv.forward_with_cache(model, idx[:, :prompt], cache)
+        step = GraphedDecodeStep(kv.decode_step, model, cache, idx[:, prompt:prompt + 1], prompt) if graphed else None
+
+        def decode():
+            for i in range(prompt, total):
+                token = idx[:, i:i + 1]
+                if graphed:
+                    step(token, i)
+                elif static:
+                    kv.decode_step(model, token, cache, slots[i:i + 1])
+                else:
+                    kv.forward_with_cache(model, token, cache)
+            if not static:
+                cache.length = prompt  # the next timed run decodes the same slots again
+
+        decode()  # warm-up
+        return median_time(decode, 3)
+
+
+def cpu_static_table(gpt, kv) -> None:
+    cfg = gpt.GPTConfig(vocab_size=256, n_positions=512, n_embd=128, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = gpt.GPT(cfg).eval()
+    print("\nCPU, 1 thread, batch 1, prompt 16: ms per decode token, dynamic (filled prefix) vs static (all max_len slots)")
+    print(f"{'max_len':>8} {'forward_with_cache':>19} {'decode_step':>12} {'ratio':>7}")
+    for total in (80, 272, 512):
+        idx = torch.randint(0, 256, (1, total))
+        dynamic = decode_seconds(kv, model, idx, 16, static=False) / (total - 16)
+        static = decode_seconds(kv, model, idx, 16, static=True) / (total - 16)
+        print(f"{total:>8} {dynamic * 1e3:>19.3f} {static * 1e3:>12.3f} {static / dynamic:>6.2f}x")
+
+
 def copy_bandwidth() -> float:
     """Bytes/s of a 1 GiB device-to-device copy (read + write), the device's practical ceiling."""
     src = torch.empty(2**28, dtype=torch.float32, device="cuda")
@@ -81,6 +124,17 @@ def gpu_table(gpt, gen, kv) -> None:
         achieved = (weight_bytes + cache_bytes) / step
         print(f"{batch:>6} {batch * new / seconds:>12,.0f} {step * 1e3:>9.3f} {achieved / 1e9:>10.1f} {achieved / ceiling:>10.1%}")
 
+    print(f"\nOne decode step, prompt {prompt} then {new} steps (ms/step; the static step reads all max_len slots)")
+    print(f"{'batch':>6} {'forward_with_cache':>19} {'decode_step':>12} {'CUDA graph':>11} {'graph tokens/s':>15} {'of copy bw':>11}")
+    for batch in (1, 8, 32):
+        idx = torch.randint(0, 512, (batch, prompt + new), device="cuda")
+        dynamic, eager, graphed = (decode_seconds(kv, model, idx, prompt, static, graphed) / new
+                                   for static, graphed in ((False, False), (True, False), (True, True)))
+        static_cache = kv.KVCache(cfg.n_layer, batch, cfg.n_head, prompt + new, cfg.head_dim).nbytes()
+        achieved = (weight_bytes + static_cache) / graphed
+        print(f"{batch:>6} {dynamic * 1e3:>19.3f} {eager * 1e3:>12.3f} {graphed * 1e3:>11.3f} {batch / graphed:>15,.0f} "
+              f"{achieved / ceiling:>10.1%}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -94,6 +148,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cpu_table(gpt, gen, args.repeats)
+    cpu_static_table(gpt, kv)
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         gpu_table(gpt, gen, kv)

@@ -186,3 +186,83 @@ def value_and_grad(fn, args: list, wrt: list[int], kwargs: dict | None = None, p
     elif isinstance(output, torch.Tensor):
         output = output.detach()
     return output, grads
+
+
+def fill_normal(obj, names: list[str], seed: int, scale: float = 1.0) -> None:
+    """Overwrite tensor attributes of a learner object in place with seeded noise: stale contents
+    (a cache's unfilled slots) that a correct solution never reads."""
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        tensor = getattr(obj, name)
+        tensor.copy_(torch.randn(tensor.shape, generator=gen, dtype=torch.float32) * scale)
+
+
+# Graph nodes through which a tensor's value becomes a Python number while tracing: shapes and slice
+# bounds may then depend on data, which one captured CUDA graph cannot replay for another value.
+_SCALAR_READS = ("item", "tolist", "_local_scalar_dense")
+
+
+def compiled_decode(step, model, cache, tokens: torch.Tensor, start: int):
+    """Run ``torch.compile(step, fullgraph=True)`` as ``step(model, tokens[:, i:i+1], cache, slot)``
+    for every i, with slot = tensor([start + i]), through a backend that only records what dynamo
+    traced.  Returns (logits [b, n, vocab], number of graphs compiled, the scalar reads found in them).
+    A graph break raises (fullgraph=True): the step cannot be traced whole."""
+    graphs, scalar_reads = [], []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        for node in graph_module.graph.nodes:
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            if node.op in ("call_method", "call_function") and set(name.split(".")) & set(_SCALAR_READS):
+                scalar_reads.append(f"{name}() in {node.format_node()}")
+        return graph_module.forward
+
+    torch._dynamo.reset()  # nothing compiled for an earlier test may be reused
+    compiled = torch.compile(step, fullgraph=True, backend=recording_backend)
+    outputs = []
+    try:
+        with torch.no_grad():
+            for i in range(tokens.shape[1]):
+                slot = torch.tensor([start + i], device=tokens.device)
+                outputs.append(compiled(model, tokens[:, i:i + 1], cache, slot))
+    finally:
+        torch._dynamo.reset()
+    return torch.cat(outputs, dim=1), len(graphs), scalar_reads
+
+
+class GraphedDecodeStep:
+    """One call of ``step(model, token, cache, slot)`` captured in a CUDA graph; each call of this
+    object refills the static token and slot tensors and replays it.  The returned logits are the
+    graph's own output tensor, overwritten by the next replay (clone to keep them)."""
+
+    def __init__(self, step, model, cache, first_token: torch.Tensor, first_slot: int, warmup: int = 2):
+        self.token = first_token.clone()
+        self.slot = torch.tensor([first_slot], device=first_token.device)
+        with torch.no_grad():
+            # Warm-up on a side stream, as the CUDA graphs documentation asks: lazy initialisation
+            # (cuBLAS handles, allocator pools) must not happen during capture.  It writes the first
+            # token's keys and values at first_slot, exactly what the first replay writes again.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    step(model, self.token, cache, self.slot)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = step(model, self.token, cache, self.slot)
+
+    def __call__(self, token: torch.Tensor, slot: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
+
+
+def cuda_graph_decode(step, model, cache, tokens: torch.Tensor, start: int):
+    """Capture ``step`` once, then replay it for tokens[:, i] at slots start + i.  Returns the logits
+    of every replay, [b, n, vocab]."""
+    graphed = GraphedDecodeStep(step, model, cache, tokens[:, :1], start)
+    outputs = [graphed(tokens[:, i:i + 1], start + i).clone() for i in range(tokens.shape[1])]
+    torch.cuda.synchronize()
+    return torch.cat(outputs, dim=1)

@@ -8,6 +8,9 @@ new token, writes its k and v at the next free slot, and attends over the filled
 The cache is allocated once, at its full size (``max_len`` slots): no ``torch.cat`` per step, no
 reallocation, and the same memory every step (what CUDA graphs and ``torch.compile`` need).
 
+Part C (at the end) takes the last step: a decode step whose shapes and Python values never change
+from one token to the next, so that one compiled graph, or one captured CUDA graph, serves them all.
+
 Everything runs on the course model (``common.gpt.GPT``): read its ``Attention.forward`` and
 ``GPT.forward`` first; the cached versions below are the same computation, done in pieces.
 """
@@ -104,3 +107,31 @@ def forward_with_cache(model: GPT, idx: torch.Tensor, cache: KVCache, positions:
     # then cache.advance(t); return lm_head(ln_f(x)).
     # YOUR CODE HERE
     raise NotImplementedError("TODO: fill in forward_with_cache in exercises/unit4/kvcache.py")
+
+
+# --- Part C: a decode step with static shapes -------------------------------------------------------
+
+
+def static_attention(attn: Attention, x: torch.Tensor, cache: KVCache, layer: int, slot: torch.Tensor) -> torch.Tensor:
+    """``attn``'s self-attention for ONE new token per row, ``x`` [batch, 1, n_embd], written at cache
+    slot ``slot`` (int64 tensor [1], on x's device).  Returns [batch, 1, n_embd].  Every shape is the
+    same at every slot: k and v go in with ``index_copy_``, and the query attends over ALL max_len
+    slots, with the slots after ``slot`` masked out.  No Python number here may depend on ``slot``."""
+    # TODO: q, k, v as in cached_attention; cache.k[layer].index_copy_(2, slot, k) (and v);
+    # scores = q @ cache.k[layer]^T / sqrt(head_dim) -> [b, heads, 1, max_len];
+    # allowed = arange(max_len) <= slot; masked_fill(~allowed, finfo(dtype).min); softmax; @ cache.v[layer].
+    # YOUR CODE HERE
+    raise NotImplementedError("TODO: fill in static_attention in exercises/unit4/kvcache.py")
+
+
+def decode_step(model: GPT, token: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, 1, vocab] for one new token per row, ``token`` [batch, 1] int64, at position and
+    cache slot ``slot`` (int64 tensor [1] on the model's device: the number of tokens before it).
+    Writes its keys and values at that slot in every layer.  Unlike forward_with_cache it neither reads
+    nor moves ``cache.length`` and never turns ``slot`` into a Python number (no ``.item()``, ``int()``,
+    ``if`` on it): a captured CUDA graph replays tensor work only, and torch.compile would recompile
+    for every new Python value."""
+    # TODO: x = wte(token) + wpe(slot as [1, 1]); each block: x = x + static_attention(block.attn,
+    # block.ln_1(x), cache, i, slot); x = x + block.mlp(block.ln_2(x)); return lm_head(ln_f(x)).
+    # YOUR CODE HERE
+    raise NotImplementedError("TODO: fill in decode_step in exercises/unit4/kvcache.py")

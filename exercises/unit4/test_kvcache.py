@@ -87,6 +87,42 @@ def test_prefill_then_decode_matches_full_model(learner):
     check(cache.length == 9, f"after 9 tokens cache.length is {cache.length}")
 
 
+@pytest.mark.group("static")
+def test_decode_step_matches_full_model(learner):
+    kv = learner.module("kvcache")
+    model, _ = course_model(learner, 4)
+    idx = torch.randint(0, CFG["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(5))
+    full = model(idx)
+    cache = kv.KVCache.for_model(model, 2, 10)
+    for i in range(7):
+        logits = kv.decode_step(model, idx[:, i:i + 1], cache, torch.tensor([i]))
+        # float64 throughout: only rounding separates the two computations (~1e-15).
+        assert_close(logits, full[:, i:i + 1], rtol=1e-9, atol=1e-9,
+                     call=f"decode_step(token {i}, slot tensor([{i}])) on a cache of max_len 10",
+                     hint="write k, v at `slot` with index_copy_, and mask every key slot after `slot` "
+                          "(the unfilled ones) before the softmax")
+    check(cache.length == 0, f"decode_step moved cache.length to {cache.length}: it must leave it alone "
+                             "(a replayed CUDA graph cannot move a Python number; the caller tracks the slot)")
+
+
+@pytest.mark.group("static")
+def test_decode_step_compiles_to_one_graph(learner):
+    kv = learner.module("kvcache")
+    model, _ = course_model(learner, 6)
+    idx = torch.randint(0, CFG["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(7))
+    cache = kv.KVCache.for_model(model, 2, 8)
+    with learner.time_limit(120):  # the first call traces the whole model: a few seconds
+        logits, graphs, scalar_reads = learner.harness("compiled_decode", kv.decode_step, model, cache, idx, 0)
+    check(not scalar_reads, f"torch.compile(decode_step) reads slot's value into a Python number: {next(iter(scalar_reads), '')}; "
+                            "then shapes depend on the data and no single CUDA graph can replay every step. "
+                            "Hint: no .item() / int(slot) / slicing by slot: index_copy_ and a mask do it with tensors")
+    check(graphs == 1, f"torch.compile(decode_step) traced {graphs} graphs for 6 steps; one must serve every slot. "
+                       "Hint: a Python number that changes per step (cache.length, an int slot) is baked into the "
+                       "graph, so every new value recompiles")
+    # float64 on both sides; the traced graph runs the same operations.
+    assert_close(logits, model(idx), rtol=1e-9, atol=1e-9, call="torch.compile(decode_step), 6 steps from slot 0")
+
+
 @pytest.mark.group("hf_oracle")
 def test_same_logits_and_greedy_tokens_as_hugging_face(learner):
     gen = learner.module("generate")

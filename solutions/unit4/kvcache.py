@@ -8,6 +8,9 @@ new token, writes its k and v at the next free slot, and attends over the filled
 The cache is allocated once, at its full size (``max_len`` slots): no ``torch.cat`` per step, no
 reallocation, and the same memory every step (what CUDA graphs and ``torch.compile`` need).
 
+Part C (at the end) takes the last step: a decode step whose shapes and Python values never change
+from one token to the next, so that one compiled graph, or one captured CUDA graph, serves them all.
+
 Everything runs on the course model (``common.gpt.GPT``): read its ``Attention.forward`` and
 ``GPT.forward`` first; the cached versions below are the same computation, done in pieces.
 """
@@ -138,5 +141,48 @@ def forward_with_cache(model: GPT, idx: torch.Tensor, cache: KVCache, positions:
         x = x + cached_attention(block.attn, block.ln_1(x), cache, i, key_mask)
         x = x + block.mlp(block.ln_2(x))
     cache.advance(t)
+    return model.lm_head(model.transformer.ln_f(x))
+    ### END SOLUTION
+
+
+# --- Part C: a decode step with static shapes -------------------------------------------------------
+
+
+def static_attention(attn: Attention, x: torch.Tensor, cache: KVCache, layer: int, slot: torch.Tensor) -> torch.Tensor:
+    """``attn``'s self-attention for ONE new token per row, ``x`` [batch, 1, n_embd], written at cache
+    slot ``slot`` (int64 tensor [1], on x's device).  Returns [batch, 1, n_embd].  Every shape is the
+    same at every slot: k and v go in with ``index_copy_``, and the query attends over ALL max_len
+    slots, with the slots after ``slot`` masked out.  No Python number here may depend on ``slot``."""
+    # TODO: q, k, v as in cached_attention; cache.k[layer].index_copy_(2, slot, k) (and v);
+    # scores = q @ cache.k[layer]^T / sqrt(head_dim) -> [b, heads, 1, max_len];
+    # allowed = arange(max_len) <= slot; masked_fill(~allowed, finfo(dtype).min); softmax; @ cache.v[layer].
+    ### BEGIN SOLUTION
+    b, t, c = x.shape
+    q, k, v = (attn.split_heads(z) for z in attn.c_attn(x).split(c, dim=2))
+    keys, values = cache.k[layer], cache.v[layer]
+    keys.index_copy_(2, slot, k)
+    values.index_copy_(2, slot, v)
+    scores = q @ keys.transpose(-2, -1) / math.sqrt(attn.head_dim)
+    allowed = torch.arange(cache.max_len, device=x.device) <= slot
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    y = scores.softmax(dim=-1) @ values
+    return attn.c_proj(y.transpose(1, 2).reshape(b, t, c))
+    ### END SOLUTION
+
+
+def decode_step(model: GPT, token: torch.Tensor, cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, 1, vocab] for one new token per row, ``token`` [batch, 1] int64, at position and
+    cache slot ``slot`` (int64 tensor [1] on the model's device: the number of tokens before it).
+    Writes its keys and values at that slot in every layer.  Unlike forward_with_cache it neither reads
+    nor moves ``cache.length`` and never turns ``slot`` into a Python number (no ``.item()``, ``int()``,
+    ``if`` on it): a captured CUDA graph replays tensor work only, and torch.compile would recompile
+    for every new Python value."""
+    # TODO: x = wte(token) + wpe(slot as [1, 1]); each block: x = x + static_attention(block.attn,
+    # block.ln_1(x), cache, i, slot); x = x + block.mlp(block.ln_2(x)); return lm_head(ln_f(x)).
+    ### BEGIN SOLUTION
+    x = model.transformer.wte(token) + model.transformer.wpe(slot.view(1, 1))
+    for i, block in enumerate(model.transformer.h):
+        x = x + static_attention(block.attn, block.ln_1(x), cache, i, slot)
+        x = x + block.mlp(block.ln_2(x))
     return model.lm_head(model.transformer.ln_f(x))
     ### END SOLUTION

@@ -1,7 +1,8 @@
 """Hidden tests, Part B and the performance path: greedy and seeded sampling with and without the
 cache, sample_next's distribution (temperature, top-k), a reused cache, batched prompts of different
 lengths against Hugging Face one prompt at a time, CPU speed ratios, and on a GPU: batched
-throughput, memory linear in length, and a cache whose storage never moves."""
+throughput, memory linear in length, a cache whose storage never moves, and a decode step
+captured once as a CUDA graph and replayed for every slot."""
 
 import statistics
 import time
@@ -346,3 +347,29 @@ def test_gpu_static_cache_and_matching_logits(learner, rng, seed):
     from autograder.checks import assert_close
 
     assert_close(got, full.cpu(), rtol=1e-3, atol=1e-4, call=f"forward_with_cache on cuda, batch {batch}: prefill 32, then 16 steps")
+
+
+@pytest.mark.gpu
+@pytest.mark.group("gpu")
+def test_gpu_decode_step_replayed_as_a_cuda_graph(learner, rng, seed):
+    kv = learner.module("kvcache")
+    model = _gpu_model(learner, seed)
+    batch, prompt, total = 8, 12, 40
+    idx = torch.from_numpy(rng.integers(0, 512, size=(batch, total))).cuda()
+    cache = kv.KVCache.for_model(model, batch, total)
+    before = learner.harness("data_ptrs", cache, ["k", "v"])
+    eager = [kv.decode_step(model, idx[:, i:i + 1], cache, torch.tensor([i], device="cuda")) for i in range(prompt)]
+    with learner.time_limit(120):
+        replayed = learner.harness("cuda_graph_decode", kv.decode_step, model, cache, idx[:, prompt:], prompt)
+    check(learner.harness("data_ptrs", cache, ["k", "v"]) == before,
+          "cache.k / cache.v moved: a CUDA graph replays reads and writes at the addresses it captured")
+    full = model(idx).cpu()
+    from autograder.checks import assert_close
+
+    # float32 on the GPU: the same reductions as the eager step, another order than model(idx): ~1e-5.
+    got = torch.cat([*eager, replayed], dim=1).cpu()
+    assert_close(got, full, rtol=1e-3, atol=1e-4,
+                 call=f"decode_step captured once in a CUDA graph at slot {prompt}, replayed for slots {prompt}..{total - 1} "
+                      f"(batch {batch}; slots 0..{prompt - 1} eager)",
+                 hint="only tensors may change between replays: the token and the slot; a Python number read from "
+                      "them (or cache.length) is frozen at its captured value")

@@ -1,6 +1,7 @@
 """Hidden tests, Part A and the oracle: the KVCache contract (random append sequences, overflow,
 reset, size, storage allocated once), chunked prefill and decode against the full model, the causal
-mask, and logits and greedy continuations against Hugging Face GPT2LMHeadModel."""
+mask, the static decode step (stale slots, one compiled graph), and logits and greedy continuations
+against Hugging Face GPT2LMHeadModel."""
 
 import pytest
 import torch
@@ -188,6 +189,56 @@ def test_chunked_forward_matches_full_model(learner, rng, seed, dtype):
         start += t
         check(cache.length == start, f"after {start} tokens cache.length is {cache.length}: forward_with_cache advances it "
                                      "by t, once per call (not once per layer)")
+
+
+# --- Part C: the static decode step -------------------------------------------------------------
+
+@pytest.mark.group("static")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_decode_step_over_a_stale_cache(learner, rng, seed, dtype):
+    kv = learner.module("kvcache")
+    cfg = config(rng)
+    model, _ = course_model(learner, cfg, seed, dtype)
+    batch, total = int(rng.integers(1, 4)), int(rng.integers(6, 16))
+    idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, total)))
+    full = model(idx)
+    cache = kv.KVCache.for_model(model, batch, total + int(rng.integers(1, 6)))
+    # Every slot starts as large noise (a previous, longer sequence): attending to any slot after
+    # `slot` changes the logits visibly, where zeros might hide it.
+    learner.harness("fill_normal", cache, ["k", "v"], seed, 10.0)
+    before = learner.harness("data_ptrs", cache, ["k", "v"])
+    # float64: ~1e-14 apart.  float32: sums over <= 16 keys and 8-32 features in another order.
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for i in range(total):
+        logits = kv.decode_step(model, idx[:, i:i + 1], cache, torch.tensor([i]))
+        assert_close(logits, full[:, i:i + 1], **tol,
+                     call=f"decode_step(token [{batch},1], slot tensor([{i}])), cache max_len {cache.max_len}, "
+                          f"{cfg['n_layer']} layers, {str(dtype)[6:]}, unfilled slots holding stale values",
+                     hint="position = slot; write k, v at slot (index_copy_ along dim 2); mask keys at slots > slot "
+                          "(they hold whatever was there before) but keep slot itself")
+    check(cache.length == 0, f"after {total} decode_step calls cache.length is {cache.length}; decode_step must not "
+                             "read or move it (a replayed CUDA graph could not move it either)")
+    check(learner.harness("data_ptrs", cache, ["k", "v"]) == before,
+          "cache.k / cache.v moved to new memory during decode_step: write into them in place (index_copy_)")
+
+
+@pytest.mark.group("static")
+def test_decode_step_compiles_once(learner, rng, seed):
+    kv = learner.module("kvcache")
+    cfg = config(rng)
+    model, _ = course_model(learner, cfg, seed)
+    batch, total = int(rng.integers(1, 4)), int(rng.integers(5, 10))
+    idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, total)))
+    cache = kv.KVCache.for_model(model, batch, total + int(rng.integers(0, 4)))
+    with learner.time_limit(120):  # dynamo traces the model once: seconds
+        logits, graphs, scalar_reads = learner.harness("compiled_decode", kv.decode_step, model, cache, idx, 0)
+    check(not scalar_reads, f"torch.compile(decode_step) turns slot into a Python number: {next(iter(scalar_reads), '')}. Shapes then "
+                            "depend on data, so a CUDA graph captured at one slot cannot serve the next. Hint: "
+                            "index_copy_ to write, a mask over all max_len slots to read")
+    check(graphs == 1, f"torch.compile(decode_step, fullgraph=True) compiled {graphs} graphs for {total} steps: a "
+                       "Python value that changes per step (cache.length, an int slot) is guarded on and recompiles")
+    # float64 both sides; the traced graph runs the same operations in the same order.
+    assert_close(logits, model(idx), rtol=1e-9, atol=1e-9, call=f"torch.compile(decode_step), {total} steps, batch {batch}")
 
 
 # --- the oracle ---------------------------------------------------------------------------------
