@@ -240,8 +240,9 @@ class GraphedDecodeStep:
         self.slot = torch.tensor([first_slot], device=first_token.device)
         with torch.no_grad():
             # Warm-up on a side stream, as the CUDA graphs documentation asks: lazy initialisation
-            # (cuBLAS handles, allocator pools) must not happen during capture.  It writes the first
-            # token's keys and values at first_slot, exactly what the first replay writes again.
+            # (cuBLAS handles and workspaces, allocator pools) must not happen during capture; the
+            # capture then uses that same stream, whose handles the warm-up created.  The warm-up
+            # writes the first token's keys and values at first_slot: what the first replay writes.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -249,7 +250,7 @@ class GraphedDecodeStep:
                     step(model, self.token, cache, self.slot)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=side):
                 self.logits = step(model, self.token, cache, self.slot)
 
     def __call__(self, token: torch.Tensor, slot: int) -> torch.Tensor:
