@@ -238,7 +238,8 @@ class Recorder:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             outcome, message = "skipped", reason.removeprefix("Skipped: ")
         elif report.passed:
-            outcome, message = "passed", ""
+            # What a passing test measured (record_property("figures", ...)): speed-ups, bandwidth.
+            outcome, message = "passed", str(dict(report.user_properties).get("figures", ""))
         else:
             outcome = "failed" if report.when == "call" else "error"
             message = getattr(report, "course_message", None) or str(report.longrepr)[-2000:]

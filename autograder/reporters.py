@@ -38,13 +38,17 @@ def print_unit(console: Console, unit: UnitResult, max_failures: int = 12) -> No
     ungraded = [t for t in unit.tests if t.status == NOT_GRADED]
     if ungraded:
         console.print(Text(f"  {len(ungraded)} GPU test(s) not graded: needs a CUDA GPU", style="dim"))
+    for test in unit.tests:  # what passing tests measured (speed-ups, bandwidth)
+        if test.status == "passed" and test.output.strip():
+            console.print(Text(f"  ✓ {test.name}", style="green"), soft_wrap=True)
+            console.print(Text(f"      {test.output.strip().splitlines()[0]}", style="dim"), soft_wrap=True)
     failures = [t for t in unit.tests if t.status not in ("passed", NOT_GRADED)]
     for test in failures[:max_failures]:
         lines = test.output.strip().splitlines() or [test.status]
         shown = lines[:8] if test.visibility == "visible" else lines[:1]
-        console.print(Text(f"  ✗ {test.name}", style=STATUS_STYLE.get(test.status, "red")))
+        console.print(Text(f"  ✗ {test.name}", style=STATUS_STYLE.get(test.status, "red")), soft_wrap=True)
         for line in shown:
-            console.print(Text(f"      {line}"))
+            console.print(Text(f"      {line}"), soft_wrap=True)
     if len(failures) > max_failures:
         console.print(Text(f"  ... and {len(failures) - max_failures} more failing test(s)", style="dim"))
 

@@ -101,6 +101,8 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
                 status = NOT_GRADED
         if test["visibility"] == "hidden" and status not in ("passed", NOT_GRADED):
             output = _summarise(output, course.hidden_feedback)
+        elif test["visibility"] == "hidden" and course.hidden_feedback == "none":
+            output = ""  # not even what a passing hidden test measured
         result.tests.append(TestResult(test["name"], test["group"], test["visibility"], status, output,
                                        nodeid=test["nodeid"]))
     if timed_out:

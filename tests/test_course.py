@@ -46,6 +46,16 @@ def test_every_todo_region_is_exercised(course, tmp_path, unit_id, name, index, 
     assert failed, f"no test fails when only {owner} in {unit.dir}/{name} is left as a TODO"
 
 
+def test_in_process_checks_grade_the_copy_not_the_exercises(course, tmp_path):
+    """The region and mutant checks grade in-process, where pytest has already imported the visible
+    tests as part of exercises/unit4: the copy under test must still be what the learner fixture
+    imports (else every check fails on the stubs and proves nothing)."""
+    report = grade(course, copy_solutions(tmp_path), ["unit4"], isolation="inprocess",
+                   extra_args=["-k", "decode_step_matches_full_model"])
+    (test,) = report.units[0].tests
+    assert test.visibility == "visible" and test.status == "passed", test.output
+
+
 @pytest.mark.parametrize("unit_id, mutant", load_mutants(COURSE), ids=[m["name"] for _, m in load_mutants(COURSE)])
 def test_hidden_suite_catches_mutant(course, tmp_path, unit_id, mutant):
     root = copy_solutions(tmp_path)

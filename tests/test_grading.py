@@ -141,3 +141,14 @@ def test_gradescope_marks_ungraded_gpu_tests():
     gpu, ok = results["tests"]
     assert "status" not in gpu and gpu["max_score"] == 0 and "needs a CUDA GPU" in gpu["output"]
     assert ok["status"] == "passed" and ok["visibility"] == "visible"
+
+
+@pytest.mark.parametrize("feedback", ["summary", "none"])
+def test_passing_tests_report_what_they_measured(tmp_path, feedback):
+    course = COURSE.model_copy(update={"hidden_feedback": feedback})
+    report = grade(course, solved(tmp_path), ["unit4"], isolation="inprocess", extra_args=["-k", "cached_decode"])
+    outputs = {t.visibility: t.output for t in report.units[0].tests if t.status == "passed"}
+    assert set(outputs) == {"visible", "hidden"}, [(t.name, t.status) for t in report.units[0].tests]
+    assert "256 new tokens" in outputs["visible"] and "x)" in outputs["visible"]
+    # A course that shows nothing of its hidden tests shows nothing of what they measured either.
+    assert ("256 new tokens" in outputs["hidden"]) == (feedback != "none")
