@@ -15,7 +15,9 @@ from autograder.checks import assert_close, check
 PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
 EOS, PAD, IGNORE = 255, 0, -100
 LOSS_THRESHOLD = 1.5      # nats per response token, measured here after training (chance: ln 256 = 5.5)
-STEPS, BATCH, LR = 100, 12, 1e-2
+# lr 5e-3, not 1e-2: with 1e-2 the reference solution ended above 1.5 for 2 of 40 secret seeds (1.69, 2.84:
+# AdamW overshoots on some base weights); with 5e-3 its loss over 70 seeds was 0.76-1.17 (median 0.95).
+STEPS, BATCH, LR = 100, 12, 5e-3
 
 
 def _encode(example, max_len=128):

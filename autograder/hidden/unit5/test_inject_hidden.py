@@ -3,7 +3,7 @@ and Llama (nn.Linear) against peft.get_peft_model with the same adapters, freezi
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from autograder.checks import assert_close, check
@@ -19,6 +19,12 @@ REGEXES = ["c_attn", r".*\.c_attn", r".*attn.*", r"h\.0\..*proj", r".*(q|c)_proj
 @given(parts=st.lists(st.sampled_from(PARTS), min_size=1, max_size=4),
        targets=st.one_of(st.lists(st.sampled_from(PARTS + ["0.attn", "attn.c_attn"]), min_size=1, max_size=3),
                          st.sampled_from(REGEXES)))
+# Always tried, whatever the draw: the names where a substring search and a whole-name match differ
+# (a regex found inside the name, a list entry inside a longer part) are what the mistakes get wrong.
+@example(parts=["h", "0", "attn", "c_attn"], targets="c_attn")
+@example(parts=["h", "0", "c_proj", "layers"], targets=r"h\.0\..*proj")
+@example(parts=["attn", "c_attn_extra"], targets=["c_attn"])
+@example(parts=["layers", "xc_attn"], targets=["c_attn"])
 def test_target_matches_like_peft(learner, parts, targets):
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
