@@ -188,6 +188,27 @@ def value_and_grad(fn, args: list, wrt: list[int], kwargs: dict | None = None, p
     return output, grads
 
 
+def copy_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write), median of ``repeats`` after a warm-up:
+    the device's practical ceiling for a decode step that only streams weights and cache."""
+    import statistics
+    import time
+
+    src = torch.empty(2**28, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * 2**28 * 4 / statistics.median(times)
+
+
 def fill_normal(obj, names: list[str], seed: int, scale: float = 1.0) -> None:
     """Overwrite tensor attributes of a learner object in place with seeded noise: stale contents
     (a cache's unfilled slots) that a correct solution never reads."""
