@@ -43,7 +43,7 @@ def find_submissions(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in sorted(Path(folder).iterdir()):
         if path.name.startswith(".") or not (path.is_dir() or path.suffix == ".zip"):
-            continue
+            continue  # a symlinked entry is kept here and refused, with its reason, at intake
         learner = path.stem if path.is_file() else path.name
         if learner in found:
             raise SubmissionError(f"two submissions for {learner!r}: {found[learner].name} and {path.name}")

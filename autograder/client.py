@@ -11,26 +11,36 @@ Two backends serve the same requests:
   round trip through the protocol, so a test that relies on anything else fails here first.
 * ``WorkerBackend`` for ``course grade``: learner code runs in a sandboxed worker process
   (``autograder.sandbox``); a crash, a hang or a memory bomb fails only the call in flight.
+
+The rule both keep: **the learner's process computes only what the learner's functions compute;
+every secret input, every reference value, every course-provided loop, every measurement and every
+verdict belongs to this, the trusted side.**  So a test makes its inputs here (``learner.course``
+gives the course's own copy of a provided module, ``learner.put_file`` hands the worker a file
+written here), calls the learner's function there, and checks the answer here.  What a call cost
+is read from outside the worker (``learner.measure``: the worker's cgroup, else /proc), never from
+a helper in the learner's process.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import importlib
 import os
-import select
 import sys
+import tempfile
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable
 
 import torch
 
 from autograder.worker import harness as local_harness
 from autograder.worker.objects import ObjectTable, serve
-from autograder.worker.protocol import Decoder, Encoder, Handle, ProtocolError, pack, read_message, unpack
+from autograder.worker.protocol import Handle, ProtocolError, pack, unpack
 
 
 class LearnerError(Exception):
@@ -192,6 +202,35 @@ def describe_args(args: tuple | list, kwargs: dict) -> str:
     return ", ".join(parts)
 
 
+@dataclass
+class Cost:
+    """What one call of learner code cost, measured outside the learner's code.
+
+    ``cpu_seconds``: CPU time of every process and thread on the learner's side during the call
+    (forked helpers included); load elsewhere on the machine does not change it.
+    ``peak_bytes``: the highest memory during the call above the memory when it started.
+    ``peak_since_ready``: the highest memory since the worker became ready, above its memory then;
+    after ``learner.restart()`` that covers the learner's import too, which no earlier allocation
+    can hide.  ``source``: "cgroup", "/proc" (no cgroup here) or "in-process" (a learner's own run)."""
+
+    cpu_seconds: float
+    wall_seconds: float
+    peak_bytes: int
+    peak_since_ready: int
+    source: str
+
+    def describe(self) -> str:
+        return (f"{self.cpu_seconds * 1e3:.1f} ms CPU, {self.wall_seconds * 1e3:.1f} ms wall, peak "
+                f"{self.peak_bytes / 2**20:.1f} MiB above the start (measured by {self.source})")
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class Backend:
     """Common part of both backends: encoding, handles, the request API."""
 
@@ -223,6 +262,20 @@ class Backend:
         """Carry out one request; ``call`` describes it (lazily) for error messages."""
         raise NotImplementedError
 
+    def measure(self, request: dict, call: Callable[[], str]) -> tuple[Any, Cost]:
+        """Carry out one request and say what it cost, measured from outside the learner's code."""
+        raise NotImplementedError
+
+    def restart(self) -> None:
+        """Start the next request in a fresh learner process (no-op where there is none)."""
+
+    def input_dir(self) -> tuple[Path, str]:
+        """(where this side writes inputs for the learner, where the learner's side reads them)."""
+        raise NotImplementedError
+
+    def published(self, path: Path) -> None:
+        """A file was written into the inputs folder: make it readable on the learner's side."""
+
 
 class InProcessBackend(Backend):
     """Learner code in this process; values still round-trip through the protocol."""
@@ -231,6 +284,8 @@ class InProcessBackend(Backend):
         super().__init__()
         self.root = Path(root).resolve()
         self.table = ObjectTable()
+        self.helpers = local_harness.helpers()
+        self.inputs: Path | None = None
         if str(self.root) not in sys.path:
             sys.path.insert(0, str(self.root))
         self._claim_packages()
@@ -252,13 +307,37 @@ class InProcessBackend(Backend):
         decoded = unpack(header, blob, self.table.from_handle, device_ok=lambda d: d)
         self.table.release(self.pending_release)
         self.pending_release = []
-        result = serve(decoded, local_harness)  # learner exceptions propagate with their traceback
+        result = serve(decoded, self.helpers)  # learner exceptions propagate with their traceback
         # Result: learner side -> wire -> trusted side.
         header, blob = _split(pack(result, self.table.to_handle))
         return unpack(header, blob, self._make_proxy, device_ok=trusted_device)
 
+    def measure(self, request: dict, call: Callable[[], str]) -> tuple[Any, Cost]:
+        """In a learner's own run the code shares this process: CPU time of the whole process, and
+        the peak resident memory (Linux: the high-water mark reset just before the call)."""
+        linux = Path("/proc/self/clear_refs").exists()
+        if linux:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident size
+            before = _status_kib("VmRSS")
+        cpu, wall = time.process_time(), time.perf_counter()
+        value = self.request(request, call)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        peak = max(0, _status_kib("VmHWM") - before) if linux else 0
+        return value, Cost(cpu, wall, peak, peak, "in-process")
+
+    def input_dir(self) -> tuple[Path, str]:
+        if self.inputs is None:
+            self.inputs = Path(tempfile.mkdtemp(prefix="course-inputs-"))
+        return self.inputs, str(self.inputs)
+
     def close(self) -> None:
         self.table = ObjectTable()
+        if self.inputs is not None:
+            import shutil
+
+            shutil.rmtree(self.inputs, ignore_errors=True)
+            self.inputs = None
 
 
 def _split(data: bytes) -> tuple[bytes, bytes]:
@@ -358,6 +437,40 @@ class WorkerBackend(Backend):
     def _refuse(first: LearnerError, why: str, described: str):
         raise type(first)(first.type_name, f"{first.message} ({why}; not called again)", [], described)
 
+    def measure(self, request: dict, call: Callable[[], str]) -> tuple[Any, Cost]:
+        """CPU time and memory of the worker's cgroup (else its /proc tree), read here before and
+        after the call: every process the learner's code started counts, and nothing it does can
+        lower the peak.  Wall time by this process's clock."""
+        with self.lock:
+            worker = self._ensure_worker()
+            meter = worker.meter
+            meter.peak(reset=True)
+            start = meter.now()
+            wall = time.perf_counter()
+            value = self.request(request, call)
+            wall = time.perf_counter() - wall
+            if worker is not self.worker:  # restarted: the call failed, and raised
+                raise WorkerDied("WorkerDied", "the worker was restarted during a measured call", [], call())
+            end = meter.now()
+            peak = meter.peak()
+            cost = Cost((end.cpu_ns - start.cpu_ns) / 1e9, wall, max(0, peak - start.memory),
+                        max(0, meter.life_peak - worker.ready_memory), meter.source)
+            return value, cost
+
+    def restart(self) -> None:
+        with self.lock:
+            if self.worker is not None:
+                self.worker.kill()
+                self.worker = None
+                self.generation += 1
+                self.pending_release = []
+
+    def input_dir(self) -> tuple[Path, str]:
+        return self.spawn.inputs, self.spawn.inputs_path()
+
+    def published(self, path: Path) -> None:
+        self.spawn.publish_input(path)
+
     def _request(self, request: dict, call: Callable[[], str]) -> Any:
         with self.lock:
             worker = self._ensure_worker()
@@ -396,6 +509,39 @@ class WorkerBackend(Backend):
             self.worker = None
 
 
+class InputStream:
+    """The writing end of ``Learner.put_stream``, on the trusted side (a thread feeds the pipe)."""
+
+    def __init__(self, fifo: Path, path: str, data: bytes, hold_seconds: float):
+        self.fifo, self.path, self.data, self.hold = fifo, path, data, hold_seconds
+        self.ended = False
+        self._release = threading.Event()
+        self._thread = threading.Thread(target=self._feed, daemon=True)
+
+    def _feed(self) -> None:
+        try:
+            with open(self.fifo, "wb") as pipe:  # blocks until the learner's side opens it
+                pipe.write(self.data)
+                pipe.flush()
+                self._release.wait(self.hold)
+                self.ended = True
+        except OSError:
+            self.ended = True
+
+    def __enter__(self) -> "InputStream":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._release.set()
+        if self._thread.is_alive():  # nobody opened the pipe: open it here, so the writer's open returns
+            try:
+                os.close(os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        self._thread.join(5)
+
+
 class Learner:
     """What a test holds: the learner's unit, reachable only through a backend."""
 
@@ -412,8 +558,50 @@ class Learner:
         return self.backend.request({"op": "import", "module": name}, lambda: f"import {name}")
 
     def harness(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A helper of ``autograder.worker.harness``, run on the learner's side.  Its answer is
+        only ever compared with something this side computed: helpers compute, they never judge."""
         return self.backend.request({"op": "harness", "name": name, "args": list(args), "kwargs": kwargs},
                                     lambda: f"{name}({describe_args(args, kwargs)})")
+
+    def course(self, name: str) -> ModuleType:
+        """The course's own copy of a provided module, on this side: ``learner.course("corpus")``
+        (a module of the unit) or ``learner.course("common.gpt")``.  Secret inputs, references
+        and course loops come from here, never from the copy in the learner's process."""
+        from autograder.course_code import course_module
+
+        return course_module(name if "." in name else f"{self.unit_dir}.{name}")
+
+    def measure(self, fn: Proxy, *args: Any, **kwargs: Any) -> tuple[Any, Cost]:
+        """Call ``fn(*args, **kwargs)`` on the learner's side: (its result, what it cost)."""
+        return self.backend.measure({"op": "call", "target": fn, "args": list(args), "kwargs": kwargs},
+                                    lambda: f"{fn._label}({describe_args(args, kwargs)})")
+
+    def restart(self) -> None:
+        """The next call starts a fresh learner process (every object made so far is gone): for
+        measurements that must cover nothing but the learner's import and its call."""
+        self.backend.restart()
+
+    def put_stream(self, data: str | bytes, hold_seconds: float = 10.0) -> "InputStream":
+        """A named pipe the learner's code can open and read: ``data`` is written at once, and the
+        input ends (EOF) only when the ``with`` block ends or after ``hold_seconds``.  The stream's
+        ``ended`` says whether the input had ended: code that yields before ``ended`` did not wait
+        for the whole input (laziness, measured here, not counted in the learner's process)."""
+        here, there = self.backend.input_dir()
+        path = Path(here) / f"stream-{uuid.uuid4().hex[:12]}"
+        os.mkfifo(path, 0o644)
+        self.backend.published(path)
+        return InputStream(path, f"{there}/{path.name}", data.encode("utf-8") if isinstance(data, str) else data,
+                           hold_seconds)
+
+    def put_file(self, data: str | bytes, suffix: str = ".txt") -> str:
+        """Write ``data`` (text as UTF-8) to a new file that the learner's code can read (not
+        change); returns its path as the learner's side sees it."""
+        here, there = self.backend.input_dir()
+        fd, path = tempfile.mkstemp(suffix=suffix, prefix="input-", dir=here)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        self.backend.published(Path(path))
+        return f"{there}/{Path(path).name}"
 
     @contextlib.contextmanager
     def time_limit(self, seconds: float):

@@ -35,6 +35,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="auto | bwrap | user | none (with --submission); inprocess: no worker, for benchmarks only")
     group.addoption("--call-timeout", type=float, help="seconds for one call into learner code (default: course.yml)")
     group.addoption("--results", help="append one JSON line per test outcome to this file")
+    group.addoption("--work-dir", help="make the workers' folders here and record them (and their cgroups) for cleanup")
     group.addoption("--gpu", choices=("auto", "require"), default="auto",
                     help="require: fail, rather than leave ungraded, GPU tests on a machine without CUDA")
 
@@ -54,6 +55,8 @@ class CourseState:
         self.submission = config.getoption("submission")
         self.isolation = config.getoption("isolation")
         self.results_path = config.getoption("results")
+        self.work_dir = config.getoption("work_dir")
+        self.gpu_units: set[str] = set()  # units with GPU tests that run here (their worker sees the GPU)
         # The secret seed reaches this process only through the environment, and leaves it here.
         self.grading_seed = os.environ.pop("COURSE_GRADING_SEED", "visible-tests")
         self.cuda = _cuda_available()
@@ -88,7 +91,8 @@ class CourseState:
                 limits = self.course.limits_for(unit)
                 spawner = Spawner(Path(self.submission), unit.dir, unit.files, unit.provided,
                                   [f.model_dump() for f in self.course.forbidden_for(unit)],
-                                  limits.memory_mb, limits.max_processes, limits.max_file_kb, self.isolation)
+                                  limits.memory_mb, limits.max_processes, limits.max_file_kb, self.isolation,
+                                  work_dir=Path(self.work_dir) if self.work_dir else None, gpu=unit.id in self.gpu_units)
                 self.spawners.append(spawner)
                 backend = WorkerBackend(spawner, self.config.getoption("call_timeout") or limits.call_timeout)
             else:  # a learner's own pytest run
@@ -108,11 +112,23 @@ class CourseState:
             spawner.cleanup()
 
 
+def _hypothesis_for_grading(grading_seed: str) -> None:
+    """Every graded run starts from the same state: no example database (failing examples found on
+    one learner's code are never replayed on the next one's), examples drawn from the run's seed."""
+    from hypothesis import core, settings
+
+    settings.register_profile("course-grading", database=None)
+    settings.load_profile("course-grading")
+    core.global_force_seed = int.from_bytes(hashlib.sha256(f"hypothesis|{grading_seed}".encode()).digest()[:8], "little")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "group(name): the course.yml scoring group of a graded test")
     state = CourseState(config)
     config.stash[_STATE] = state
+    if state.submission:
+        _hypothesis_for_grading(state.grading_seed)
     if state.results_path:
         config.pluginmanager.register(Recorder(state), "course-recorder")
     if config.getoption("gpu") == "require" and not state.cuda:
@@ -151,6 +167,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash[_STATE]
     tests = [info for item in session.items if (info := _test_info(state, item))]
+    state.gpu_units = {t["unit"] for t in tests if t["gpu"]} if state.cuda else set()
     state.write({"event": "collected", "tests": tests, "cuda": state.cuda})
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from autograder.manifest import REPO_ROOT, Course, Unit
-from autograder.sandbox import probe_level
-from autograder.scoring import NOT_GRADED, Report, TestResult, UnitResult, score_unit
+from autograder.sandbox import cleanup_work_dir, probe_level
+from autograder.scoring import NOT_GRADED, Report, TestResult, UnitResult, clean_text, score_unit
 from autograder.submission import take_in
 
 HIDDEN_ROOT = REPO_ROOT / "autograder" / "hidden"
@@ -49,6 +49,10 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
     result = UnitResult(unit.id, unit.title)
     limits = course.limits_for(unit)
     started = time.monotonic()
+    # The results file lives in a folder only this user can open; the workers' folders and
+    # cgroups are recorded in a work folder that is removed below whatever became of the run.
+    work = Path(tempfile.mkdtemp(prefix="course-work-"))
+    os.chmod(work, 0o711)  # the worker's user (level "user") may pass through to its own folder
     with tempfile.TemporaryDirectory(prefix="course-results-") as private:
         os.chmod(private, 0o700)
         results_file = Path(private) / "results.jsonl"
@@ -56,10 +60,12 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
                 "-c", str(REPO_ROOT / "pyproject.toml"), "--rootdir", str(REPO_ROOT), "--noconftest",
                 "-p", "no:cacheprovider", "-q", "--no-header", "-rN", "--tb=no",
                 "--submission", str(submission_root), "--isolation", isolation, "--results", str(results_file),
-                "--call-timeout", str(limits.call_timeout),
+                "--call-timeout", str(limits.call_timeout), "--work-dir", str(work),
                 *(extra_args or [])]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COURSE_"))}
-        env.update(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", COURSE_GRADING_SEED=seed, PYTHONDONTWRITEBYTECODE="1")
+        # One thread for HF tokenizers' trainer: a baseline's CPU time means the same on any machine.
+        env.update(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", COURSE_GRADING_SEED=seed, PYTHONDONTWRITEBYTECODE="1",
+                   TOKENIZERS_PARALLELISM="false")
         process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         try:
@@ -69,6 +75,8 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
             os.killpg(process.pid, signal.SIGKILL)
             console, _ = process.communicate()
             timed_out = True
+        finally:
+            cleanup_work_dir(work)
         records = []
         if results_file.exists():
             for line in results_file.read_text(encoding="utf-8").splitlines():
@@ -103,7 +111,7 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
             output = _summarise(output, course.hidden_feedback)
         elif test["visibility"] == "hidden" and course.hidden_feedback == "none":
             output = ""  # not even what a passing hidden test measured
-        result.tests.append(TestResult(test["name"], test["group"], test["visibility"], status, output,
+        result.tests.append(TestResult(test["name"], test["group"], test["visibility"], status, clean_text(output),
                                        nodeid=test["nodeid"]))
     if timed_out:
         result.notes.append(f"the unit's tests ran past {limits.unit_timeout:g} s and were stopped")
@@ -127,7 +135,7 @@ def grade(course: Course, submission: Path | str, unit_ids: list[str] | None = N
         def one(unit: Unit) -> UnitResult:
             result = run_unit(course, unit, intake.root, isolation=level, seed=seed, hidden=hidden, visible=visible,
                               extra_args=extra_args)
-            result.notes = intake.notes.get(unit.id, []) + result.notes
+            result.notes = [clean_text(n) for n in intake.notes.get(unit.id, []) + result.notes]
             if on_unit:
                 on_unit(result)
             return result

@@ -7,11 +7,24 @@ never earns points.  A GPU test on a machine without CUDA is "not graded": left 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 from autograder.manifest import Course, Unit
 
 NOT_GRADED = "not_graded"
+MAX_TEXT = 4000
+
+# Terminal escape sequences (CSI, OSC, two-character ESC), the other C0/C1 controls but newline and
+# tab, and the Unicode marks that reorder or hide text: learner text never drives a terminal.
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]?|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-_]?)")
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean_text(text: str, limit: int = MAX_TEXT) -> str:
+    """Text that came from learner code, safe for every report: no control characters, capped."""
+    text = _CONTROLS.sub("", _ESCAPES.sub("", text.replace("\r\n", "\n")))
+    return text if len(text) <= limit else text[: limit - 20] + " ... (cut)"
 
 
 @dataclass

@@ -116,9 +116,24 @@ def forbidden_uses(source: str, filename: str, forbidden: list[Forbidden]) -> li
     return sorted(set(hits), key=lambda h: int(h.split(":")[1]))
 
 
+def _symlink_on_path(root: Path, relative: Path) -> Path | None:
+    """The first symbolic link on the way from ``root`` down to ``root / relative``, if any."""
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            return current
+    return None
+
+
 def take_in(path: Path | str, course: Course, units: list[Unit]) -> Intake:
-    """Copy the learner's files of ``units`` from ``path`` into a fresh grading folder."""
+    """Copy the learner's files of ``units`` from ``path`` into a fresh grading folder.
+
+    Nothing outside the submission is ever read on its behalf: a symbolic link anywhere from the
+    submission folder down to a learner file (a clone can hold one, git stores them) is refused."""
     path = Path(path)
+    if path.is_symlink():
+        raise SubmissionError(f"{path}: the submission folder is a symbolic link; refusing to follow it")
     tmp = tempfile.TemporaryDirectory(prefix="course-grading-")
     work = Path(tmp.name)
     max_file = max(course.limits_for(u).max_file_kb for u in course.units) << 10
@@ -140,7 +155,12 @@ def take_in(path: Path | str, course: Course, units: list[Unit]) -> Intake:
         for name in unit.files:
             shown = f"{unit.dir}/{name}"
             file = source / unit.dir / name
-            if file.is_symlink() or (file.exists() and not file.is_file()):
+            link = _symlink_on_path(source, Path(unit.dir) / name)
+            if link is not None:
+                intake.note(unit, f"{link.relative_to(source).as_posix()}: a symbolic link; {shown} left out "
+                                  "(the grader reads only files inside the submission)")
+                continue
+            if file.exists() and not file.is_file():
                 intake.note(unit, f"{shown}: not a regular file; left out")
                 continue
             if not file.exists():

@@ -74,3 +74,18 @@ def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1) -> flo
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def baseline_cpu_seconds(run: Callable[[], Any], threads: int = 1) -> tuple[Any, float]:
+    """Run a trusted baseline here, with torch on ``threads`` intra-op threads: (its result, the
+    CPU seconds this process spent on it).  Graded speed tests compare this with the CPU time of
+    the learner's call measured outside the worker (``learner.measure``): load elsewhere on the
+    machine and processes the learner's code starts change neither figure in their favour."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.process_time()
+        result = run()
+        return result, time.process_time() - start
+    finally:
+        torch.set_num_threads(old)

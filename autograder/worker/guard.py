@@ -1,16 +1,23 @@
-"""Forbidden shortcuts, enforced at run time inside the learner's process.
+"""Forbidden shortcuts, enforced at run time inside the learner's process: best effort.
 
-A forbidden function is replaced by a wrapper that raises ``ForbiddenShortcut`` when learner code
-is on the call stack (course code, such as a provided model, may still use it).  A forbidden module
-cannot be imported from learner code.  The static scan in ``autograder.submission`` reports the
-same names before anything runs.
+These guards run in the same process as the learner's code, so a determined learner can undo
+them; the absolute protections are outside the process (the sandbox's mounts hide a forbidden
+package's files altogether, see ``autograder.sandbox``).  What the guards do:
+
+* A forbidden function is replaced, at every alias torch exposes (``torch.ops.aten`` and its
+  overloads, ``torch._C._VariableFunctions``, ``torch._C._nn``, ``torch``, ``torch.nn.functional``),
+  by a wrapper that raises ``ForbiddenShortcut`` when learner code is on the call stack (course
+  code, such as a provided model, may still use it).  The wrapper does not expose the original.
+* A forbidden module cannot be imported from learner code, including through ``eval``/``exec``.
+* Learner code is every frame that is not a real file of the Python installation, of the grader
+  or of the course: code compiled under another file's name is refused at ``compile``.
 """
 
 from __future__ import annotations
 
 import builtins
-import functools
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -19,14 +26,36 @@ class ForbiddenShortcut(RuntimeError):
     """Learner code called something course.yml forbids in this unit."""
 
 
-def _stack_has(roots: tuple[str, ...], frame, depth_limit: int) -> bool:
-    for _ in range(depth_limit):
-        if frame is None:
-            return False
-        if frame.f_code.co_filename.startswith(roots):
-            return True
-        frame = frame.f_back
-    return False
+class _Classifier:
+    """Tells learner frames from trusted ones by their code's file name (cached per name)."""
+
+    def __init__(self, trusted_roots: list[str], course_files: list[str]):
+        self.roots = tuple(os.path.join(os.path.realpath(r), "") for r in trusted_roots)
+        self.course_files = {os.path.realpath(f) for f in course_files}
+        self.cache: dict[str, bool] = {}
+
+    def trusted_file(self, filename: str) -> bool:
+        known = self.cache.get(filename)
+        if known is None:
+            if filename.startswith("<frozen "):
+                known = True
+            else:
+                real = os.path.realpath(filename)
+                known = os.path.isfile(real) and (real in self.course_files or real.startswith(self.roots))
+            self.cache[filename] = known
+        return known
+
+    def is_learner(self, frame) -> bool:
+        return not self.trusted_file(frame.f_code.co_filename)
+
+    def learner_on_stack(self, frame, depth_limit: int = 200) -> bool:
+        for _ in range(depth_limit):
+            if frame is None:
+                return False
+            if self.is_learner(frame):
+                return True
+            frame = frame.f_back
+        return True  # deeper than any honest library call chain: treat as the learner's
 
 
 def _resolve(dotted: str):
@@ -44,9 +73,62 @@ def _resolve(dotted: str):
     raise ImportError(dotted)
 
 
-def install(forbidden: list[dict], learner_roots: list[str]) -> list[str]:
+def _guard(target, refuse):
+    """A callable that refuses when learner code is on the stack, else calls ``target``.  Attribute
+    access (an aten packet's overloads: ``.default``) is guarded the same way."""
+    if not callable(target):
+        return target
+
+    class Guarded:
+        __slots__ = ()
+        __doc__ = getattr(target, "__doc__", None)
+
+        def __call__(self, *args, **kwargs):
+            refuse(sys._getframe(1))
+            return target(*args, **kwargs)
+
+        def __getattr__(self, attr):
+            value = getattr(target, attr)
+            return _guard(value, refuse) if callable(value) and not isinstance(value, type) else value
+
+        def __repr__(self):
+            return f"<guarded {getattr(target, '__name__', 'function')}>"
+
+    if isinstance(target, type):  # a class (torch.nn.MultiheadAttention): guard construction
+        def make(*args, **kwargs):
+            refuse(sys._getframe(1))
+            return target(*args, **kwargs)
+
+        make.__name__ = make.__qualname__ = target.__name__
+        return make
+    return Guarded()
+
+
+def _aliases(name: str) -> list[tuple[object, str]]:
+    """Other places torch exposes the same operator as the forbidden ``...``.``last``."""
+    last = name.rsplit(".", 1)[-1]
+    if not name.startswith("torch"):
+        return []
+    try:
+        import torch
+    except ImportError:
+        return []
+    owners = [torch, torch.nn.functional, torch._C._VariableFunctions, torch._C._nn]
+    found = [(owner, last) for owner in owners if last in getattr(owner, "__dict__", {}) or hasattr(owner, last)]
+    try:
+        if hasattr(torch.ops.aten, last):
+            found.append((torch.ops.aten, last))
+    except (RuntimeError, AttributeError):
+        pass
+    return found
+
+
+def install(forbidden: list[dict], course_files: list[str] | None = None, trusted_roots: list[str] | None = None) -> list[str]:
     """Install guards; returns the names that could not be guarded (not installed here)."""
-    roots = tuple(str(Path(r).resolve()) + "/" for r in learner_roots)
+    if trusted_roots is None:
+        here = Path(__file__).resolve().parent
+        trusted_roots = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, str(here)})
+    classifier = _Classifier(trusted_roots, course_files or [])
     modules: dict[str, str] = {}
     unguarded = []
     for item in forbidden:
@@ -54,34 +136,46 @@ def install(forbidden: list[dict], learner_roots: list[str]) -> list[str]:
         try:
             parents, attrs = _resolve(name)
         except (ImportError, AttributeError):
-            # Not installed here: nothing to call, but block the import by name all the same.
+            # Not installed here (or hidden by the sandbox): nothing to call, but block the import by name.
             modules[name] = reason
             unguarded.append(name)
             continue
         if not attrs:
             modules[name] = reason
             continue
-        owner, target = parents[-2], parents[-1]
 
-        def guarded(*args, __target=target, __name=name, __reason=reason, **kwargs):
+        def refuse(frame, __name=name, __reason=reason):
             # Anywhere on the stack: a library helper that calls the shortcut is the same shortcut.
-            if _stack_has(roots, sys._getframe(1), 80):
+            if classifier.learner_on_stack(frame):
                 raise ForbiddenShortcut(f"{__name} is forbidden in this unit: {__reason}")
-            return __target(*args, **kwargs)
 
-        try:
-            functools.update_wrapper(guarded, target)
-        except (AttributeError, TypeError):
-            pass
-        setattr(owner, attrs[-1], guarded)
+        owner = parents[-2]
+        places = [(owner, attrs[-1])] + [p for p in _aliases(name) if p != (owner, attrs[-1])]
+        for place, attr in places:
+            try:
+                current = getattr(place, attr)
+                setattr(place, attr, _guard(current, refuse))
+            except (AttributeError, TypeError, RuntimeError):
+                continue
+
+    real_compile = builtins.compile
+
+    def guarded_compile(source, filename, mode, *args, **kwargs):
+        # Code compiled under the name of a real course or library file would pass for trusted code.
+        name = os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else ""
+        if name and classifier.trusted_file(name) and classifier.is_learner(sys._getframe(1)):
+            raise ForbiddenShortcut(f"compiling code under the name of {name!r} is not allowed in graded code")
+        return real_compile(source, filename, mode, *args, **kwargs)
+
+    builtins.compile = guarded_compile
 
     if modules:
         real_import = builtins.__import__
         real_import_module = importlib.import_module
 
-        def check(module_name: str) -> None:
+        def check(module_name: str, frame) -> None:
             # Only the frame that runs the import: libraries may import what they like.
-            if not _stack_has(roots, sys._getframe(2), 1):
+            if not classifier.is_learner(frame):
                 return
             for blocked, reason in modules.items():
                 if module_name == blocked or module_name.startswith(blocked + "."):
@@ -89,11 +183,11 @@ def install(forbidden: list[dict], learner_roots: list[str]) -> list[str]:
 
         def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
             if level == 0:
-                check(name)
+                check(name, sys._getframe(1))
             return real_import(name, globals, locals, fromlist, level)
 
         def guarded_import_module(name, package=None):
-            check(name)
+            check(name, sys._getframe(1))
             return real_import_module(name, package)
 
         builtins.__import__ = guarded_import

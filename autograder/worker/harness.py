@@ -288,3 +288,20 @@ def cuda_graph_decode(step, model, cache, tokens: torch.Tensor, start: int):
     outputs = [graphed(tokens[:, i:i + 1], start + i).clone() for i in range(tokens.shape[1])]
     torch.cuda.synchronize()
     return torch.cat(outputs, dim=1)
+
+
+def drain(iterable, every: int = 1) -> tuple[int, int]:
+    """Consume an iterable of ints here (its items never cross the boundary): (how many, a digest
+    of them all in order) for the trusted side to compare with the digest of its own oracle's ids."""
+    count, digest = 0, 0
+    for item in iterable:
+        digest = (digest * 1_000_003 + int(item) + 1) % (1 << 61)
+        count += 1
+    return count, digest
+
+
+def helpers() -> dict:
+    """The helpers a test may call, by name: taken once, before any learner code runs."""
+    return {name: value for name, value in globals().items()
+            if callable(value) and not isinstance(value, type) and not name.startswith("_")
+            and name != "helpers" and getattr(value, "__module__", None) == __name__}

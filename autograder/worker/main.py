@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from autograder.worker.objects import ObjectTable, describe_exception, serve
     from autograder.worker.protocol import ProtocolError, pack, read_message, unpack, write_message
 
-    guard.install(config.get("forbidden", []), [str(root / d) for d in config.get("learner_dirs", [])])
+    # The helpers are looked up in this table, made before any learner code runs: replacing a
+    # function on the harness module changes nothing the tests call.
+    helpers = harness.helpers()
+    guard.install(config.get("forbidden", []), config.get("course_files", []))
     _set_limits(config.get("limits", {}))
     table = ObjectTable()
     # Start-up (Python, torch) is not the learner's time: the client starts each call's clock
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             request = unpack(header, blob, table.from_handle, device_ok=lambda d: d)
             table.release(request.pop("release", []))
-            reply = {"ok": serve(request, harness)}
+            reply = {"ok": serve(request, helpers)}
         except ProtocolError as exc:
             reply = {"error": {"type": "ProtocolError", "builtin": False, "message": str(exc), "frames": []}}
         except BaseException as exc:  # learner code may raise anything, SystemExit included

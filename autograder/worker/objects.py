@@ -54,8 +54,9 @@ class ObjectTable:
             self.objects.pop(hid, None)
 
 
-def serve(request: dict, harness: Any) -> Any:
-    """Carry out one decoded request; learner exceptions propagate to the caller."""
+def serve(request: dict, helpers: dict) -> Any:
+    """Carry out one decoded request (``helpers``: the harness functions by name, a table made
+    before learner code ran); learner exceptions propagate to the caller."""
     op = request["op"]
     if op == "import":
         return importlib.import_module(request["module"])
@@ -69,7 +70,10 @@ def serve(request: dict, harness: Any) -> Any:
     if op == "operator":
         return OPERATORS[request["name"]](*request["args"])
     if op == "harness":
-        return getattr(harness, request["name"])(*request["args"], **request["kwargs"])
+        helper = helpers.get(request["name"])
+        if helper is None:
+            raise ValueError(f"no harness helper {request['name']!r}")
+        return helper(*request["args"], **request["kwargs"])
     raise ValueError(f"unknown request {op!r}")
 
 

@@ -24,6 +24,9 @@ except ImportError:  # pragma: no cover - torch is a course dependency
     torch = None
 
 MAX_MESSAGE_BYTES = 1 << 31
+# The JSON part of a message: a decoded JSON node costs up to ~20x its text, so this bounds what a
+# forged header can make the receiver allocate (ids, vocabularies and merges fit easily).
+MAX_HEADER_BYTES = 32 << 20
 MAX_DEPTH = 64
 _HEADER = struct.Struct("<QQ")
 
@@ -127,12 +130,22 @@ class Decoder:
         self.blob = memoryview(blob)
         self.from_handle = from_handle
         self.device_ok = device_ok or (lambda device: "cpu")
+        self.decoded = 0  # bytes of the blob handed out so far
 
-    def _bytes(self, node: dict) -> bytes:
+    def _view(self, node: dict) -> memoryview:
         offset, length = node.get("o"), node.get("n")
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0 or offset + length > len(self.blob):
             raise ProtocolError("buffer reference out of range")
-        return bytes(self.blob[offset : offset + length])
+        # No amplification: the values rebuilt from a message never hold more bytes than it carried
+        # (an honest encoder writes each buffer once; a forged message may point many nodes at one).
+        self.decoded += length
+        if self.decoded > len(self.blob):
+            raise ProtocolError(f"the message's buffers decode to more than the {len(self.blob)} bytes it carries "
+                                "(buffers referenced more than once); refused")
+        return self.blob[offset : offset + length]
+
+    def _bytes(self, node: dict) -> bytes:
+        return bytes(self._view(node))
 
     @staticmethod
     def _shape(node: dict) -> tuple[int, ...]:
@@ -179,7 +192,7 @@ class Decoder:
         if tag == "nd":
             dtype = NUMPY_DTYPES.get(node.get("dtype"))
             shape = self._shape(node)
-            data = self._bytes(node)
+            data = self._view(node)
             if dtype is None or len(data) != math.prod(shape) * dtype.itemsize:
                 raise ProtocolError("bad numpy array")
             return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
@@ -188,7 +201,7 @@ class Decoder:
                 raise ProtocolError("torch is not available to rebuild a tensor")
             dtype = TORCH_DTYPES.get(node.get("dtype"))
             shape = self._shape(node)
-            data = self._bytes(node)
+            data = self._view(node)
             if dtype is None or len(data) != math.prod(shape) * dtype.itemsize:
                 raise ProtocolError("bad tensor")
             tensor = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
@@ -229,6 +242,8 @@ def pack(message: Any, to_handle: Callable[[Any], Handle]) -> bytes:
 
 
 def unpack(header: bytes, blob: bytes, from_handle: Callable[[Handle], Any], device_ok=None) -> Any:
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"a message header of {len(header) >> 20} MiB is over the {MAX_HEADER_BYTES >> 20} MiB limit")
     try:
         tree = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -243,7 +258,7 @@ def write_message(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _read_exact(fd: int, size: int) -> bytes:
+def _read_exact(fd: int, size: int) -> bytearray:
     buffer = bytearray(size)
     view, got = memoryview(buffer), 0
     while got < size:
@@ -251,11 +266,11 @@ def _read_exact(fd: int, size: int) -> bytes:
         if chunk == 0:
             raise EOFError("the other side closed the channel")
         got += chunk
-    return bytes(buffer)
+    return buffer
 
 
 def read_message(fd: int) -> tuple[bytes, bytes]:
     header_len, blob_len = _HEADER.unpack(_read_exact(fd, _HEADER.size))
-    if header_len + blob_len > MAX_MESSAGE_BYTES:
+    if header_len > MAX_HEADER_BYTES or header_len + blob_len > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {header_len + blob_len} bytes is over the limit")
     return _read_exact(fd, header_len), _read_exact(fd, blob_len)

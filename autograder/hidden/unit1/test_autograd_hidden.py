@@ -1,15 +1,13 @@
 """Hidden tests, Part A: every operation against float64 finite differences and torch.autograd,
 random expression graphs (Hypothesis), accumulation, order, and a 10,000-node graph."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autograder.checks import assert_close, check
+from autograder.checks import assert_close
 
 ACCUMULATE = "a node used twice must accumulate its gradient (+=), not overwrite it (=)"
 

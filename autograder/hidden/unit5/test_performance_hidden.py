@@ -1,7 +1,6 @@
 """Hidden tests, Part D: a merged model runs at the base model's speed (timed here, interleaved,
 as a ratio against the base model in the same run)."""
 
-import statistics
 import time
 
 import pytest

@@ -2,7 +2,6 @@
 log-probs from logits, the clipped policy and value losses (values, gradients, masks) and RLHF
 reward shaping, each against an independent oracle on inputs drawn from the grading run's seed."""
 
-import math
 
 import numpy as np
 import pytest
