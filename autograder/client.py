@@ -480,6 +480,10 @@ class WorkerBackend(Backend):
             data = pack(message, self._handle_of)
             try:
                 header, blob = worker.call(data, self.call_timeout)
+            except ProtocolError as exc:  # a reply over the size limit
+                worker.kill()
+                self.generation += 1
+                raise WorkerDied("ProtocolError", f"the worker's reply was refused: {exc}; it was restarted", [], call()) from None
             except TimeoutError:
                 worker.kill()
                 self.generation += 1
@@ -490,14 +494,20 @@ class WorkerBackend(Backend):
                 worker.kill()
                 self.generation += 1
                 raise WorkerDied("WorkerDied", f"the worker process died during this call: {reason}; it was restarted", [], call()) from None
-            reply = unpack(header, blob, self._make_proxy, device_ok=trusted_device)
-            if type(reply) is not dict or len(reply) != 1 or not ({"ok", "error"} & reply.keys()):
-                raise ProtocolError("malformed reply from the worker")
-            if "error" in reply:
-                info = reply["error"]
-                if type(info) is not dict:
+            try:
+                reply = unpack(header, blob, self._make_proxy, device_ok=trusted_device)
+                if type(reply) is not dict or len(reply) != 1 or not ({"ok", "error"} & reply.keys()):
+                    raise ProtocolError("malformed reply from the worker")
+                if "error" in reply and type(reply["error"]) is not dict:
                     raise ProtocolError("malformed error from the worker")
-                raise learner_error(info, call())
+            except ProtocolError as exc:
+                # A reply that is not ours to decode (forged, or out of step): never read the next
+                # one from the same channel.
+                worker.kill()
+                self.generation += 1
+                raise WorkerDied("ProtocolError", f"the worker's reply was refused: {exc}; it was restarted", [], call()) from None
+            if "error" in reply:
+                raise learner_error(reply["error"], call())
             return reply["ok"]
 
     def output(self) -> str:
@@ -575,6 +585,12 @@ class Learner:
         """Call ``fn(*args, **kwargs)`` on the learner's side: (its result, what it cost)."""
         return self.backend.measure({"op": "call", "target": fn, "args": list(args), "kwargs": kwargs},
                                     lambda: f"{fn._label}({describe_args(args, kwargs)})")
+
+    def measure_harness(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, Cost]:
+        """A harness helper on the learner's side (e.g. ``drain`` over a learner generator): (its
+        result, what the call cost, measured from outside as ``measure`` does)."""
+        return self.backend.measure({"op": "harness", "name": name, "args": list(args), "kwargs": kwargs},
+                                    lambda: f"{name}({describe_args(args, kwargs)})")
 
     def restart(self) -> None:
         """The next call starts a fresh learner process (every object made so far is gone): for

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autograder.manifest import REPO_ROOT
-from autograder.worker.protocol import MAX_MESSAGE_BYTES, ProtocolError
+from autograder.worker.protocol import MAX_HEADER_BYTES, MAX_REPLY_BYTES, ProtocolError
 
 LEVELS = ("bwrap", "user", "none")
 NOBODY = 65534
@@ -451,6 +451,8 @@ class Worker:
             os.close(fd)
         self.meter = Meter(self)
         self.ready_memory = 0
+        self.peak_at_end = 0
+        self.memory_hit = False
         self._output = collections.deque(maxlen=200)
         self._output_bytes = 0
         self._drain = threading.Thread(target=self._drain_output, args=(out_r,), daemon=True)
@@ -489,6 +491,17 @@ class Worker:
                     self.kill()
                     return
 
+    def _read_memory_outcome(self) -> None:
+        """Whether the cgroup stopped the worker for memory, and the peak it reached (kept for
+        the report, since the cgroup is removed with the worker)."""
+        if self.cgroup is None:
+            return
+        try:
+            self.peak_at_end = max(self.peak_at_end, self.meter.life_peak, self.cgroup.memory_peak())
+            self.memory_hit = self.memory_hit or self.cgroup.hit_memory_limit()
+        except OSError:
+            pass
+
     def alive(self) -> bool:
         return self.process.poll() is None and self.reason is None
 
@@ -499,8 +512,9 @@ class Worker:
             code = self.process.wait(timeout=2)
         except subprocess.TimeoutExpired:
             return "it stopped answering"
-        if self.cgroup is not None and self.cgroup.hit_memory_limit():
-            return f"it used more than {self.memory_bytes >> 20} MB of memory"
+        self._read_memory_outcome()
+        if self.memory_hit:
+            return f"it used more than {self.memory_bytes >> 20} MB of memory (stopped at {self.peak_at_end >> 20} MB)"
         if code == 126 and "sandbox launcher failed" in self.output():
             return self.output().strip().splitlines()[-1]
         if code > 128 and code - 128 in signal.valid_signals():
@@ -543,13 +557,15 @@ class Worker:
             got += count
         return buffer
 
-    def call(self, data: bytes, timeout: float, send: bool = True, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes, bytes]:
+    def call(self, data: bytes, timeout: float, send: bool = True, max_bytes: int = MAX_REPLY_BYTES) -> tuple[bytes, bytes]:
         deadline = time.monotonic() + timeout
         if send:
             self._write(data, deadline)
         header = self._read(_HEADER_SIZE, deadline)
         header_len = int.from_bytes(header[:8], "little")
         blob_len = int.from_bytes(header[8:], "little")
+        if header_len > MAX_HEADER_BYTES:
+            raise ProtocolError(f"the worker's reply has a {header_len >> 20} MiB header, over the {MAX_HEADER_BYTES >> 20} MiB limit")
         if header_len + blob_len > max_bytes:
             raise ProtocolError(f"the worker's reply of {(header_len + blob_len) >> 20} MiB is over the "
                                 f"{max_bytes >> 20} MiB limit for one result")
@@ -581,6 +597,7 @@ class Worker:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+        self._read_memory_outcome()
         for fd in (self.req_w, self.rep_r):
             try:
                 os.close(fd)

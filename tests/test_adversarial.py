@@ -9,10 +9,12 @@ be unearned), next to an honest fused.py whose points must all still be awarded.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -297,5 +299,301 @@ def test_worker_sees_no_secret_and_no_course_files(tmp_path):
         assert backend.isolation in ("bwrap", "user")
     finally:
         os.environ.pop("COURSE_TEST_CANARY")
+        backend.close()
+        spawner.cleanup()
+
+
+# --- The sandbox's promises (issue 15): caps that hold, no host files, no symlinks, no residue ---------
+
+def _worker(unit_id: str = "unit1", memory_mb: int = 1024, level: str = "auto", root: Path | None = None):
+    from autograder.client import Learner, WorkerBackend
+    from autograder.sandbox import Spawner
+
+    unit = COURSE.unit(unit_id)
+    spawner = Spawner(root or REPO_ROOT / "solutions", unit.dir, unit.files, unit.provided,
+                      [f.model_dump() for f in COURSE.forbidden_for(unit)], memory_mb, 64, 512, level)
+    backend = WorkerBackend(spawner, 30)
+    return Learner(backend, unit.dir), backend, spawner
+
+
+def test_memory_cap_stops_the_worker_at_the_cap():
+    """The worker is in its cgroup from its first instruction: touching more than memory_mb stops it
+    there (it once reached 4 GiB under a 3072 MB cap)."""
+    from autograder.client import WorkerDied
+
+    learner, backend, spawner = _worker(memory_mb=512)
+    try:
+        learner.lib("builtins").len([1])  # start it
+        assert backend.worker.cgroup is not None or os.geteuid() != 0, "running as root, the worker must have a cgroup"
+        if backend.worker.cgroup is None:
+            pytest.skip("not root: no cgroup can be made here, so the cap is the /proc watchdog's")
+        assert os.getpid() not in backend.worker.cgroup.pids()
+        assert set(backend.worker.cgroup.pids()) >= {backend.worker.process.pid}
+        with pytest.raises(WorkerDied) as died:
+            learner.lib("builtins").bytearray(2 << 30)
+        message = str(died.value)
+        assert "more than 512 MB" in message, message
+        reached = int(message.split("stopped at ")[1].split(" MB")[0])
+        print(f"worker peak under a 512 MB cap: {reached} MB")
+        assert reached <= 512
+    finally:
+        backend.close()
+        spawner.cleanup()
+
+
+def test_root_only_files_of_the_host_are_not_visible(tmp_path):
+    canary = Path("/etc") / f"course-canary-{os.getpid()}"
+    made = False
+    if os.geteuid() == 0:
+        canary.write_text("course-canary-secret\n")
+        canary.chmod(0o600)
+        made = True
+    learner, backend, spawner = _worker()
+    try:
+        opener = learner.lib("builtins").open
+        for path in ("/etc/shadow", "/etc/gshadow", "/etc/ssh/ssh_host_ed25519_key", str(canary), "/root/.bashrc"):
+            if backend.isolation == "bwrap" or Path(path).exists():
+                with pytest.raises(Exception) as refused:
+                    opener(path).read()
+                assert "Error" in str(refused.value), path
+        if backend.isolation == "bwrap":
+            assert sorted(learner.lib("os").listdir("/etc")) == sorted(
+                ["alternatives", "group", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "passwd"]
+                if Path("/etc/nsswitch.conf").exists() else
+                ["alternatives", "group", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "passwd"])
+    finally:
+        backend.close()
+        spawner.cleanup()
+        if made:
+            canary.unlink()
+
+
+def test_a_host_secret_never_reaches_the_report(tmp_path):
+    if not Path("/etc/shadow").exists() or os.geteuid() != 0:
+        pytest.skip("no /etc/shadow readable here to try")
+    first_line = Path("/etc/shadow").read_text().splitlines()[0]
+    root = hostile_submission(tmp_path, "print_forged_results")
+    (root / "unit1" / "autograd.py").write_text(STUB + """
+try:
+    _secret = open("/etc/shadow").read()
+except OSError as exc:
+    _secret = f"unreadable: {exc}"
+Value.__init__ = lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError(_secret))
+""")
+    report = grade(FAST, root, ["unit1"], extra_args=["-k", "test_add_and_mul or test_value_ops"])
+    assert first_line not in json.dumps(report.to_json())
+
+
+def test_a_symlinked_unit_folder_is_refused(tmp_path):
+    root = tmp_path / "submission"
+    root.mkdir()
+    (root / "unit1").symlink_to(REPO_ROOT / "solutions" / "unit1")
+    unit = grade(FAST, root, ["unit1"], extra_args=["-k", "test_autograd"]).units[0]
+    assert unit.score == 0
+    assert any("unit1: a symbolic link" in note for note in unit.notes), unit.notes
+
+
+def test_grade_all_refuses_a_clone_whose_exercises_folder_is_a_symlink(tmp_path):
+    from autograder.batch import grade_all
+
+    folder = tmp_path / "clones"
+    (folder / "mallory").mkdir(parents=True)
+    (folder / "mallory" / "exercises").symlink_to(REPO_ROOT / "solutions")
+    outcomes = grade_all(FAST, folder, tmp_path / "state", units=["unit1"], jobs=1)
+    (outcome,) = outcomes
+    assert outcome.report["score"] == 0 and "symbolic link" in outcome.report["refused"]
+
+
+def test_learner_text_cannot_drive_the_terminal(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from autograder.reporters import gradescope_results, print_unit
+
+    forged = "\\x1b[2K\\x1b[1A\\x1b[8m\\x1b]0;x\\x07\\r\\u202eGrade 90 / 90"
+    root = hostile_submission(tmp_path, "print_forged_results")
+    (root / "unit1" / "autograd.py").write_text(STUB + f"""
+def _forge(self, *a, **k):
+    raise RuntimeError("{forged}" * 3)
+Value.__init__ = _forge
+""")
+    report = grade(FAST, root, ["unit1"], extra_args=["-k", "test_add_and_mul"])
+    unit = report.units[0]
+    assert unit.tests and all("\x1b" not in t.output and "\r" not in t.output and "\u202e" not in t.output
+                              for t in unit.tests)
+    assert any("Grade 90 / 90" in t.output for t in unit.tests)  # the text stays, its control goes
+    screen = io.StringIO()
+    print_unit(Console(file=screen, force_terminal=True, width=120), unit)
+    for sequence in ("\x1b[2K", "\x1b[1A", "\x1b[8m", "\x1b]0;"):
+        assert sequence not in screen.getvalue()
+    assert "\x1b" not in json.dumps(gradescope_results(report, COURSE), ensure_ascii=False)
+
+
+def test_nothing_is_left_after_a_unit_runs_out_of_time(tmp_path, monkeypatch):
+    """The unit's trusted pytest is SIGKILLed at its time limit while the worker has started a
+    process of its own in a new session: afterwards no process, no folder, no cgroup remains."""
+    import tempfile
+
+    import autograder.runner as runner
+
+    marker = f"{os.getpid() % 1000}.{len(str(tmp_path)) % 97}25"
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    seen_cgroups: list[Path] = []
+    real_cleanup = runner.cleanup_work_dir
+
+    def recording_cleanup(work):
+        registry = Path(work) / "registry.txt"
+        if registry.exists():
+            seen_cgroups.extend(Path(l.split(" ", 1)[1]) for l in registry.read_text().splitlines() if l.startswith("cgroup "))
+        real_cleanup(work)
+
+    monkeypatch.setattr(runner, "cleanup_work_dir", recording_cleanup)
+    root = hostile_submission(tmp_path, "print_forged_results")
+    (root / "unit1" / "autograd.py").write_text(STUB + f"""
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    os.execv("/bin/sleep", ["sleep", "{marker}"])
+with open("/tmp/filler", "wb") as _f:
+    _f.write(b"x" * (8 << 20))
+_orig_init = Value.__init__
+def _slow(self, *a, **k):
+    time.sleep(0.5)
+    _orig_init(self, *a, **k)
+Value.__init__ = _slow
+""")
+    short = FAST.model_copy(update={"limits": FAST.limits.model_copy(update={"unit_timeout": 15})})
+    unit = grade(short, root, ["unit1"], extra_args=["-k", "autograd"]).units[0]
+    assert any("ran past 15 s" in note for note in unit.notes), unit.notes
+    time.sleep(0.5)
+    sleepers = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                sleepers.append(entry.name)
+        except OSError:
+            continue
+    assert sleepers == [], "a process the learner started outlived the unit"
+    assert list(private_tmp.iterdir()) == [], list(private_tmp.iterdir())
+    assert seen_cgroups or os.geteuid() != 0
+    assert not [p for p in seen_cgroups if p.exists()], seen_cgroups
+
+
+FORBIDDEN_ROUTES = {
+    "aten_packet": "torch.ops.aten.layer_norm(x, (x.shape[-1],), weight, bias, eps)",
+    "aten_overload": "torch.ops.aten.native_layer_norm.default(x, (x.shape[-1],), weight, bias, eps)[0]",
+    "variable_functions": "torch._C._VariableFunctions.layer_norm(x, (x.shape[-1],), weight, bias, eps, False)",
+    "wrapped_original": "torch.nn.functional.layer_norm.__wrapped__(x, (x.shape[-1],), weight, bias, eps)",
+    "forged_file_name": ("_ns = {}; exec(compile('import torch\\ndef f(x, w, b, e): return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, e)', "
+                         "torch.__file__, 'exec'), _ns); _ns['f'](x, weight, bias, eps)"),
+}
+
+
+@pytest.mark.parametrize("route", sorted(FORBIDDEN_ROUTES))
+def test_forbidden_functions_are_guarded_at_every_alias(tmp_path, route):
+    root = tmp_path / "submission"
+    shutil.copytree(REPO_ROOT / "solutions", root, ignore=shutil.ignore_patterns("__pycache__"))
+    fused = root / "unit1" / "fused.py"
+    fused.write_text(fused.read_text() + f'''
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    return {FORBIDDEN_ROUTES[route]}
+''')
+    unit = grade(FAST, root, ["unit1"], extra_args=["-k", "test_fused and not gpu"]).units[0]
+    fused_group = next(g for g in unit.groups if g.id == "fused")
+    assert fused_group.total and fused_group.score == 0, [(t.name, t.status, t.output[:200]) for t in unit.tests]
+
+
+@pytest.mark.parametrize("level", ["bwrap", "none"])
+def test_a_forbidden_package_cannot_be_imported_by_any_route(level):
+    from autograder.sandbox import probe_level
+
+    if level == "bwrap" and probe_level("auto")[0] != "bwrap":
+        pytest.skip("bubblewrap is not usable here")
+    learner, backend, spawner = _worker("unit3", level=level)
+    try:
+        evaluate = learner.lib("builtins").eval
+        for route in ("__import__('tiktoken')", "__import__('importlib').import_module('tokenizers')"):
+            with pytest.raises(Exception) as refused:
+                evaluate(route)
+            assert "not available in this unit" in str(refused.value) or "forbidden" in str(refused.value), route
+        if level == "bwrap":  # absent at the mount level: even the file the spec names is the stub
+            spec = learner.lib("importlib.util").find_spec("tiktoken")
+            assert "not available in this unit" in learner.lib("pathlib").Path(spec.origin).read_text()
+    finally:
+        backend.close()
+        spawner.cleanup()
+
+
+def test_probe_level_never_raises_and_falls_back(monkeypatch):
+    from autograder import sandbox
+
+    sandbox.probe_level.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+
+    def no_python(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", args[0][0])
+
+    monkeypatch.setattr(sandbox.subprocess, "run", no_python)
+    try:
+        level, why = sandbox.probe_level("auto")
+        assert level == "none" and "bubblewrap is not installed" in why
+        if os.geteuid() == 0:
+            assert "cannot run this Python" in why and "Permission denied" in why
+    finally:
+        sandbox.probe_level.cache_clear()
+
+
+def test_grading_works_without_bubblewrap(tmp_path, monkeypatch):
+    from autograder import sandbox
+
+    sandbox.probe_level.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "bwrap" else shutil.which(name))
+    try:
+        report = grade(FAST, REPO_ROOT / "solutions", ["unit1"], extra_args=["-k", "test_autograd"])
+    finally:
+        sandbox.probe_level.cache_clear()
+    assert report.isolation in ("user", "none"), report.isolation
+    unit = report.units[0]
+    assert unit.error is None and unit.tests and all(t.status == "passed" for t in unit.tests), unit.tests
+
+
+def test_no_hypothesis_database_is_shared_between_submissions(tmp_path):
+    database = REPO_ROOT / ".hypothesis"
+    before = sorted(p.relative_to(database) for p in database.rglob("*")) if database.exists() else []
+    wrong = hostile_submission(tmp_path, "print_forged_results")  # the stub: every property fails
+    grade(FAST, wrong, ["unit1"], extra_args=["-k", "random"])
+    after = sorted(p.relative_to(database) for p in database.rglob("*")) if database.exists() else []
+    assert after == before, "grading wrote to the course's Hypothesis database"
+    from autograder.plugin import _hypothesis_for_grading
+    from hypothesis import settings
+
+    current = settings._current_profile
+    try:
+        _hypothesis_for_grading("some-seed")
+        assert settings.default.database is None
+    finally:
+        settings.load_profile(current)
+
+
+def test_a_patched_harness_helper_is_not_the_one_called(tmp_path):
+    root = tmp_path / "submission"
+    shutil.copytree(REPO_ROOT / "solutions", root, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "unit1" / "autograd.py").write_text((root / "unit1" / "autograd.py").read_text() + """
+import autograder.worker.harness as _h
+_h.drain = lambda *a, **k: (42, 42)
+""")
+    learner, backend, spawner = _worker(root=root)
+    try:
+        learner.module("autograd")
+        digest = 0
+        for item in (1, 2, 3):
+            digest = (digest * 1_000_003 + item + 1) % (1 << 61)
+        assert learner.harness("drain", [1, 2, 3]) == (3, digest)
+    finally:
         backend.close()
         spawner.cleanup()

@@ -94,3 +94,51 @@ def test_proxies_never_decide_comparisons(tmp_path):
     liar = learner.module("m").make()
     assert isinstance(liar, Proxy)
     assert liar != 1.0 and not (liar == liar._handle)
+
+
+def _forged_amplifying_message(buffer_bytes: int, references: int) -> tuple[bytes, bytes]:
+    """One buffer, many tensor nodes pointing at it: each would decode to its own copy."""
+    node = {"T": "pt", "dtype": "uint8", "shape": [buffer_bytes], "device": "cpu", "o": 0, "n": buffer_bytes}
+    return json.dumps([node] * references).encode(), bytes(buffer_bytes)
+
+
+def test_buffers_referenced_twice_are_refused():
+    header, blob = _forged_amplifying_message(1 << 10, 2)
+    with pytest.raises(ProtocolError, match="decode to more than"):
+        unpack(header, blob, lambda h: None)
+    header, blob = _forged_amplifying_message(1 << 10, 1)
+    assert unpack(header, blob, lambda h: None)[0].numel() == 1 << 10
+
+
+def test_decoding_a_hostile_reply_stays_within_twice_its_size():
+    """The trusted side's peak while refusing 120 references to one 32 MB buffer (which took it
+    to 4.9 GB before): measured in a fresh process, against the same process reading the message."""
+    import subprocess
+    import sys
+
+    script = """
+import json, resource, sys
+from autograder.worker.protocol import ProtocolError, unpack
+node = {"T": "pt", "dtype": "uint8", "shape": [32 << 20], "device": "cpu", "o": 0, "n": 32 << 20}
+header, blob = json.dumps([node] * 120).encode(), bytearray(32 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    unpack(header, blob, lambda h: None)
+    outcome = "decoded"
+except ProtocolError as exc:
+    outcome = str(exc)
+print(json.dumps([outcome, before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    outcome, before_kib, after_kib = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "decode to more than" in outcome
+    grown = (after_kib - before_kib) << 10
+    print(f"trusted peak while refusing the hostile reply: {grown / 2**20:.1f} MiB above the message itself")
+    assert grown <= 2 * (32 << 20), f"decoding grew the trusted process by {grown >> 20} MiB"
+
+
+def test_an_oversized_header_is_refused():
+    from autograder.worker.protocol import MAX_HEADER_BYTES
+
+    with pytest.raises(ProtocolError, match="header"):
+        unpack(b" " * (MAX_HEADER_BYTES + 1), b"", lambda h: None)

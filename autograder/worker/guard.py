@@ -4,10 +4,13 @@ These guards run in the same process as the learner's code, so a determined lear
 them; the absolute protections are outside the process (the sandbox's mounts hide a forbidden
 package's files altogether, see ``autograder.sandbox``).  What the guards do:
 
-* A forbidden function is replaced, at every alias torch exposes (``torch.ops.aten`` and its
-  overloads, ``torch._C._VariableFunctions``, ``torch._C._nn``, ``torch``, ``torch.nn.functional``),
-  by a wrapper that raises ``ForbiddenShortcut`` when learner code is on the call stack (course
-  code, such as a provided model, may still use it).  The wrapper does not expose the original.
+* A forbidden function is replaced, at the names torch exposes it under (``torch.ops.aten`` and
+  its overloads, ``torch._C._nn``, ``torch``, ``torch.nn.functional``), by a wrapper that raises
+  ``ForbiddenShortcut`` when learner code is on the call stack (course code, such as a provided
+  model, may still use it).  The wrapper does not expose the original.  A torch operator is also
+  refused where no name can be replaced (``torch._C._VariableFunctions``, an op overload reached
+  some other way): a ``TorchFunctionMode`` in the worker sees every call of a torch function by
+  the operator's name.
 * A forbidden module cannot be imported from learner code, including through ``eval``/``exec``.
 * Learner code is every frame that is not a real file of the Python installation, of the grader
   or of the course: code compiled under another file's name is refused at ``compile``.
@@ -123,6 +126,21 @@ def _aliases(name: str) -> list[tuple[object, str]]:
     return found
 
 
+def _refuse_operators(operators: dict) -> None:
+    """Every call of a torch function passes through this mode: a forbidden operator is refused
+    whatever name it was reached by (``__name__`` is "layer_norm", "native_layer_norm.default")."""
+    from torch.overrides import TorchFunctionMode
+
+    class ForbiddenOperators(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            refuse = operators.get(getattr(func, "__name__", "").split(".")[0])
+            if refuse is not None:
+                refuse(sys._getframe(1))
+            return func(*args, **(kwargs or {}))
+
+    ForbiddenOperators().__enter__()  # for the life of the worker
+
+
 def install(forbidden: list[dict], course_files: list[str] | None = None, trusted_roots: list[str] | None = None) -> list[str]:
     """Install guards; returns the names that could not be guarded (not installed here)."""
     if trusted_roots is None:
@@ -130,6 +148,7 @@ def install(forbidden: list[dict], course_files: list[str] | None = None, truste
         trusted_roots = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, str(here)})
     classifier = _Classifier(trusted_roots, course_files or [])
     modules: dict[str, str] = {}
+    operators: dict = {}  # torch operator name -> its refuse()
     unguarded = []
     for item in forbidden:
         name, reason = item["name"], item["reason"]
@@ -150,6 +169,8 @@ def install(forbidden: list[dict], course_files: list[str] | None = None, truste
                 raise ForbiddenShortcut(f"{__name} is forbidden in this unit: {__reason}")
 
         owner = parents[-2]
+        if name.startswith("torch.") and callable(parents[-1]) and not isinstance(parents[-1], type):
+            operators[attrs[-1]] = refuse
         places = [(owner, attrs[-1])] + [p for p in _aliases(name) if p != (owner, attrs[-1])]
         for place, attr in places:
             try:
@@ -157,6 +178,9 @@ def install(forbidden: list[dict], course_files: list[str] | None = None, truste
                 setattr(place, attr, _guard(current, refuse))
             except (AttributeError, TypeError, RuntimeError):
                 continue
+
+    if operators:
+        _refuse_operators(operators)
 
     real_compile = builtins.compile
 

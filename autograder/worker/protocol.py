@@ -24,6 +24,9 @@ except ImportError:  # pragma: no cover - torch is a course dependency
     torch = None
 
 MAX_MESSAGE_BYTES = 1 << 31
+# What the trusted side accepts as one reply: decoding needs about twice this, so the trusted
+# process's memory stays bounded whatever the learner's side sends.
+MAX_REPLY_BYTES = 1 << 30
 # The JSON part of a message: a decoded JSON node costs up to ~20x its text, so this bounds what a
 # forged header can make the receiver allocate (ids, vocabularies and merges fit easily).
 MAX_HEADER_BYTES = 32 << 20
