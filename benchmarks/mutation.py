@@ -1,0 +1,369 @@
+"""Mutation testing of every TODO region, with cosmic-ray: do the hidden suites tell right from wrong?
+
+    python -m benchmarks.mutation --unit unit3            # run (or resume) unit 3's session
+    python -m benchmarks.mutation --unit unit3 --jobs 2   # two workers (the default: the CPU count)
+    python -m benchmarks.mutation --report                # rebuild tests/mutants/SCORES.md from the sessions
+
+Each mutant is one small edit cosmic-ray makes to a solution file (an operator swapped, a number
+changed, a comparison flipped, a loop that never runs, ...), kept only where it falls inside a
+``### BEGIN SOLUTION`` / ``### END SOLUTION`` region: the code a learner writes.  Each is graded by
+the unit's hidden suite alone, through the course's own grading path (``runner.grade`` on a copy of
+solutions/, stopping at the first failing test): killed if any graded hidden test fails.
+
+Why cosmic-ray rather than mutmut: cosmic-ray runs any test command we give it and mutates the file
+we name in place, so a mutant is graded exactly as a learner's file is; its session database
+records every result, so an interrupted run resumes where it stopped; its HTTP distributor runs
+workers in folders of their own, each with its own copy of the course, which is how mutants are
+graded in parallel.  mutmut rewrites the code under test into trampolines and runs the project's
+own pytest in-process with its own test selection, which the grading path (a copy of solutions/,
+graded by a separate trusted pytest process) cannot use.
+
+Operators: all of cosmic-ray's core operators, except replacing an arithmetic operator by a bitwise
+or shift one (``+`` -> ``<<``, ``|``, ``^``, ...): on the float tensors and arrays these regions
+compute, such a mutant raises at its first use, so it costs a grading run and says nothing.
+
+A survivor is either a gap in the hidden suite (sharpen a test) or an equivalent mutant: one that
+breaks nothing the handout promises.  Equivalent ones are listed, each with a one-line reason, in
+``tests/mutants/equivalent.yml``; they are left out of the score
+``killed / (mutants - equivalent)``.  ``tests/mutants/SCORES.md`` keeps the table and a hash of each
+unit's solution regions; ``make test`` fails when the regions changed after the table was made.
+The run is far too slow for every CI run (minutes per unit on two cores): it is a command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import yaml
+
+from autograder.build import find_regions
+from autograder.manifest import REPO_ROOT, Course, load_course
+
+STATE = REPO_ROOT / ".mutation"
+SCORES = REPO_ROOT / "tests" / "mutants" / "SCORES.md"
+EQUIVALENT = REPO_ROOT / "tests" / "mutants" / "equivalent.yml"
+# What a worker's copy of the course needs to grade: never the venv, the git store or the sessions.
+COPIED = ("autograder", "benchmarks", "exercises", "solutions", "course.yml", "pyproject.toml")
+EXCLUDED = re.compile(r"ReplaceBinaryOperator_(Add|Sub|Mul|Div|FloorDiv|Mod|Pow)_(RShift|LShift|BitOr|BitAnd|BitXor)$")
+
+
+# --- what is mutated -------------------------------------------------------------------------------
+
+def learner_files(course: Course, unit_id: str) -> list[str]:
+    unit = course.unit(unit_id)
+    return [f"solutions/{unit.dir}/{name}" for name in unit.files]
+
+
+def region_lines(path: Path) -> set[int]:
+    """Line numbers strictly inside the solution regions of a file."""
+    source = path.read_text(encoding="utf-8")
+    return {n for r in find_regions(source, path.name) for n in range(r.begin + 1, r.end)}
+
+
+def regions_hash(course: Course, unit_id: str) -> str:
+    """A hash of the code inside the unit's solution regions: the table is stale when it changes."""
+    digest = hashlib.sha256()
+    for rel in learner_files(course, unit_id):
+        path = REPO_ROOT / rel
+        lines = path.read_text(encoding="utf-8").splitlines()
+        digest.update(rel.encode())
+        for number in sorted(region_lines(path)):
+            digest.update(lines[number - 1].encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+# --- one mutant's grade: the test command a worker runs -----------------------------------------------
+
+def grade_mutant(unit_id: str, budget: float) -> int:
+    """Grade ./solutions (mutated in place by the worker) with the unit's hidden suite alone, stopping
+    at the first failure; exit 1 when any graded hidden test fails, 0 when the mutant survives."""
+    from autograder.runner import grade
+
+    course = load_course()
+    # The grader's own limit stops a mutant that loops forever before cosmic-ray's timeout does.
+    limits = course.limits_for(course.unit(unit_id)).model_copy(update={"unit_timeout": budget})
+    course = course.model_copy(update={"units": [u.model_copy(update={"limits": limits}) if u.id == unit_id else u
+                                                 for u in course.units]})
+    report = grade(course, REPO_ROOT / "solutions", [unit_id], visible=False, isolation="inprocess",
+                   extra_args=["-x", "-m", "not gpu"])
+    result = report.units[0]
+    failed = [t for t in result.tests if t.status not in ("passed", "not_graded")]
+    for test in failed[:1]:
+        print(f"{test.name}: {test.status}: {test.output.strip().splitlines()[0] if test.output.strip() else ''}")
+    if result.error:
+        print(result.error[:500])
+        return 1
+    return 1 if failed or result.notes and any("ran past" in n for n in result.notes) else 0
+
+
+# --- the session -----------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _copy_course(target: Path) -> None:
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for name in COPIED:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.ipynb"))
+        else:
+            shutil.copy2(source, target / name)
+
+
+def _start_workers(count: int) -> list[tuple[subprocess.Popen, str]]:
+    """cosmic-ray HTTP workers, each in its own copy of the course (a mutant edits that copy)."""
+    workers = []
+    for k in range(count):
+        folder = STATE / "workers" / str(k)
+        _copy_course(folder)
+        port = _free_port()
+        process = subprocess.Popen([sys.executable, "-m", "cosmic_ray.cli", "http-worker", "--port", str(port)],
+                                   cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        workers.append((process, f"http://127.0.0.1:{port}"))
+    for process, url in workers:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise click.ClickException("a cosmic-ray worker did not start")
+                time.sleep(0.1)
+    return workers
+
+
+def _stop_workers(workers) -> None:
+    for process, _ in workers:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for process, _ in workers:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _baseline_seconds(unit_id: str) -> float:
+    """The pristine solutions must pass the hidden suite; how long that takes sets each mutant's budget."""
+    start = time.monotonic()
+    code = grade_mutant(unit_id, 600)
+    if code != 0:
+        raise click.ClickException(f"{unit_id}: the solutions do not pass their own hidden suite")
+    return time.monotonic() - start
+
+
+def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: int | None = None) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cosmic_ray.commands import init
+    from cosmic_ray.plugins import get_distributor
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    folder = STATE / unit_id
+    session = folder / "session.sqlite"
+    if restart:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    baseline = _baseline_seconds(unit_id)
+    budget = max(60.0, 4 * baseline)
+    test_command = f"{sys.executable} -m benchmarks.mutation grade --unit {unit_id} --budget {budget - 10:.0f}"
+    meta = folder / "meta.json"
+    with use_db(str(session)) as db:
+        if db.num_work_items == 0:
+            modules = [Path(p) for p in learner_files(course, unit_id)]
+            os.chdir(REPO_ROOT)  # cosmic-ray records module paths relative to here; workers use theirs
+            init(modules, db, {})
+            inside = {str(p): region_lines(REPO_ROOT / p) for p in modules}
+            outside = [item.job_id for item in db.work_items
+                       if item.mutations[0].start_pos[0] not in inside[str(item.mutations[0].module_path)]]
+            excluded = [item.job_id for item in db.work_items if EXCLUDED.search(item.mutations[0].operator_name)]
+            db.set_multiple_results(outside, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
+                                                        output="outside the solution regions"))
+            db.set_multiple_results(sorted(set(excluded) - set(outside)),
+                                    WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="excluded operator"))
+            meta.write_text(json.dumps({"regions_hash": regions_hash(course, unit_id), "seconds": 0.0}))
+    info = json.loads(meta.read_text())
+    if info["regions_hash"] != regions_hash(course, unit_id):
+        raise click.ClickException(f"{unit_id}: the solution regions changed since this session began; "
+                                   "rerun with --restart")
+    workers = _start_workers(max(1, jobs))
+    started = time.monotonic()
+    try:
+        with use_db(str(session), mode=WorkDB.Mode.open) as db:
+            pending = list(db.pending_work_items)[:limit]
+            columns = (TextColumn(f"{unit_id} mutants"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn())
+            with Progress(*columns) as progress:
+                task = progress.add_task("grading", total=len(pending))
+
+                def done(job_id, result):
+                    db.set_result(job_id, result)
+                    progress.advance(task)
+
+                distributor = get_distributor("http")
+                distributor(pending, test_command, budget, {"worker-urls": [url for _, url in workers]},
+                            on_task_complete=done)
+    finally:
+        _stop_workers(workers)
+        info["seconds"] = info.get("seconds", 0.0) + time.monotonic() - started
+        meta.write_text(json.dumps(info))
+
+
+# --- the table ---------------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    mutants: int = 0
+    killed: int = 0
+    survived: int = 0
+    equivalent: int = 0
+    pending: int = 0
+    seconds: float = 0.0
+    regions_hash: str = ""
+
+    @property
+    def score(self) -> float:
+        judged = self.mutants - self.equivalent - self.pending
+        return self.killed / judged if judged else 1.0
+
+
+def changed_lines(diff: str) -> tuple[str, str]:
+    """(the removed lines, the added lines) of a mutant's diff, stripped: its identity in equivalent.yml."""
+    removed = [l[1:].strip() for l in diff.splitlines() if l.startswith("-") and not l.startswith("---")]
+    added = [l[1:].strip() for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++")]
+    return " / ".join(removed), " / ".join(added)
+
+
+def load_equivalent() -> list[dict]:
+    return yaml.safe_load(EQUIVALENT.read_text(encoding="utf-8")) or [] if EQUIVALENT.exists() else []
+
+
+def tally(unit_id: str) -> tuple[Tally, list[dict]]:
+    """Counts for one unit's session, and its unhandled survivors (with their diffs)."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    folder = STATE / unit_id
+    info = json.loads((folder / "meta.json").read_text())
+    known = {(e["file"], e["original"], e["mutated"]) for e in load_equivalent() if e["unit"] == unit_id}
+    counts, survivors = Tally(seconds=info.get("seconds", 0.0), regions_hash=info["regions_hash"]), []
+    with use_db(str(folder / "session.sqlite"), mode=WorkDB.Mode.open) as db:
+        for item, result in db.completed_work_items:
+            if result.worker_outcome in (WorkerOutcome.SKIPPED, WorkerOutcome.NO_TEST):
+                continue
+            counts.mutants += 1
+            if result.test_outcome == TestOutcome.SURVIVED:
+                mutation = item.mutations[0]
+                original, mutated = changed_lines(result.diff or "")
+                if (Path(mutation.module_path).name, original, mutated) in known:
+                    counts.equivalent += 1
+                else:
+                    counts.survived += 1
+                    survivors.append({"unit": unit_id, "file": Path(mutation.module_path).name,
+                                      "line": mutation.start_pos[0], "operator": mutation.operator_name,
+                                      "original": original, "mutated": mutated, "diff": result.diff})
+            else:
+                counts.killed += 1
+        counts.pending = sum(1 for _ in db.pending_work_items)
+        counts.mutants += counts.pending
+    return counts, survivors
+
+
+def write_scores(course: Course) -> list[dict]:
+    rows, survivors = [], []
+    for unit in course.units:
+        if not (STATE / unit.id / "meta.json").exists():
+            continue
+        counts, left = tally(unit.id)
+        survivors += left
+        rows.append((unit.id, counts))
+    old = read_scores()
+    lines = ["# Mutation scores of the hidden suites",
+             "",
+             "Made by `python -m benchmarks.mutation` (cosmic-ray's operators, inside the solution regions only;",
+             "each mutant graded by the unit's hidden suite through `runner.grade`). Score = killed / (mutants -",
+             "equivalent); the equivalent mutants and their reasons are in `equivalent.yml`. `make test` checks",
+             "that each unit's regions still hash to the value below.",
+             "",
+             "| unit | mutants | killed | survived | equivalent | score | run time | regions hash |",
+             "|---|---|---|---|---|---|---|---|"]
+    done = {unit_id for unit_id, _ in rows}
+    for unit_id, counts in rows:
+        lines.append(f"| {unit_id} | {counts.mutants} | {counts.killed} | {counts.survived} | {counts.equivalent} | "
+                     f"{counts.score:.1%} | {counts.seconds / 60:.0f} min | {counts.regions_hash} |")
+    for unit_id, row in old.items():
+        if unit_id not in done:
+            lines.append(row["line"])
+    SCORES.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return survivors
+
+
+def read_scores() -> dict[str, dict]:
+    """unit -> its row of SCORES.md: {"hash", "score", "line"}."""
+    rows = {}
+    if SCORES.exists():
+        for line in SCORES.read_text(encoding="utf-8").splitlines():
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if len(cells) == 8 and cells[0].startswith("unit"):
+                rows[cells[0]] = {"hash": cells[7], "score": cells[5], "line": line}
+    return rows
+
+
+@click.group(invoke_without_command=True)
+@click.option("--unit", "units", multiple=True, help="the unit(s) to mutate (default: all)")
+@click.option("--jobs", default=os.cpu_count() or 1, show_default=True, help="mutants graded at once")
+@click.option("--restart", is_flag=True, help="forget the stored session and start over")
+@click.option("--report", "report_only", is_flag=True, help="only rebuild the table from the stored sessions")
+@click.option("--limit", type=int, default=None, help="grade at most this many pending mutants now (resume later)")
+@click.pass_context
+def main(ctx, units, jobs, restart, report_only, limit):
+    """Mutation testing of the solution regions; writes tests/mutants/SCORES.md."""
+    if ctx.invoked_subcommand is not None:
+        return
+    course = load_course()
+    if not report_only:
+        for unit_id in units or [u.id for u in course.units]:
+            run_session(course, unit_id, jobs, restart, limit)
+    survivors = write_scores(course)
+    print(SCORES.read_text())
+    if survivors:
+        report = STATE / "survivors.json"
+        report.write_text(json.dumps(survivors, indent=1))
+        print(f"{len(survivors)} survivor(s) not yet handled (sharpen a test, or list it in {EQUIVALENT.name} "
+              f"with a reason): {report}")
+        for s in survivors[:20]:
+            print(f"  {s['unit']} {s['file']}:{s['line']} {s['operator']}: {s['original']!r} -> {s['mutated']!r}")
+
+
+@main.command("grade")
+@click.option("--unit", "unit_id", required=True)
+@click.option("--budget", type=float, default=300.0)
+def grade_command(unit_id, budget):
+    """(Run by the workers) grade ./solutions with the hidden suite of UNIT; exit 1 when a test fails."""
+    sys.exit(grade_mutant(unit_id, budget))
+
+
+if __name__ == "__main__":
+    main()
