@@ -148,7 +148,6 @@ def nbgrader_export(directory, units):
 @click.option("--skip-tests", is_flag=True, help="pack without running the visible tests first")
 def submit(out, root, skip_tests):
     """Run the visible tests, then pack the files you edit into a zip to hand in."""
-    from autograder.plugin import NOT_GRADED_GPU  # noqa: F401  (same wording in the summary)
     from autograder.submission import pack_submission
 
     course = _course()
@@ -168,6 +167,8 @@ def submit(out, root, skip_tests):
 def _print_visible_summary(course, results: Path) -> None:
     from rich.table import Table
 
+    from autograder.plugin import NOT_GRADED_GPU
+
     records = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     outcomes = [r for r in records if r.get("event") == "result"]
     collected = next((r["tests"] for r in records if r.get("event") == "collected"), [])
@@ -175,11 +176,17 @@ def _print_visible_summary(course, results: Path) -> None:
     table = Table(title="Visible tests", title_justify="left")
     table.add_column("unit")
     table.add_column("passed", justify="right")
+    table.add_column("not run here", justify="left")
     for unit in course.units:
         mine = [r for r in outcomes if unit_of.get(r["nodeid"]) == unit.id]
-        passed = sum(r["outcome"] == "passed" for r in mine)
-        table.add_row(f"{unit.id}: {unit.title}", f"{passed}/{len(mine)}")
+        gpu = [r for r in mine if r["outcome"] == "skipped" and r.get("message", "").startswith(NOT_GRADED_GPU)]
+        ran = [r for r in mine if r not in gpu]
+        passed = sum(r["outcome"] == "passed" for r in ran)
+        why = f"{len(gpu)} GPU test(s): no CUDA GPU here" if gpu else ""
+        table.add_row(f"{unit.id}: {unit.title}", f"{passed}/{len(ran)}", why)
     console.print(table)
+    console.print("GPU tests are graded where there is a GPU (the grader leaves them out of the maximum elsewhere).",
+                  style="dim")
 
 
 @main.command()

@@ -286,6 +286,7 @@ class InProcessBackend(Backend):
         self.table = ObjectTable()
         self.helpers = local_harness.helpers()
         self.inputs: Path | None = None
+        self.in_flight: Callable[[], str] | None = None
         if str(self.root) not in sys.path:
             sys.path.insert(0, str(self.root))
         self._claim_packages()
@@ -307,7 +308,9 @@ class InProcessBackend(Backend):
         decoded = unpack(header, blob, self.table.from_handle, device_ok=lambda d: d)
         self.table.release(self.pending_release)
         self.pending_release = []
+        self.in_flight = call  # left set if the call never returns: the plugin names it when a time limit stops the test
         result = serve(decoded, self.helpers)  # learner exceptions propagate with their traceback
+        self.in_flight = None
         # Result: learner side -> wire -> trusted side.
         header, blob = _split(pack(result, self.table.to_handle))
         return unpack(header, blob, self._make_proxy, device_ok=trusted_device)

@@ -27,6 +27,7 @@ class Limits(_Strict):
     memory_mb: int = Field(4096, ge=256, description="memory of the worker and its children")
     max_processes: int = Field(64, ge=4, description="processes and threads in the sandbox")
     max_file_kb: int = Field(512, ge=1, description="size of one submitted file")
+    visible_test_timeout: float = Field(120, gt=0, description="seconds for one visible test in a learner's own run")
 
 
 class Group(_Strict):

@@ -172,6 +172,8 @@ def group_score(unit_id: str, group_id: str) -> float:
     group = next(g for g in result.groups if g.id == group_id)
     for test in result.tests:
         if test.group == group_id and test.status != "passed":
-            print(f"{test.status}: {test.name}" + (f": {test.output.strip().splitlines()[0]}" if test.output.strip() else ""))
+            print(f"{test.status}: {test.name}")
+            for line in test.output.strip().splitlines()[:8]:
+                print(f"    {line}")
     print(f"{group.title}: {group.score:.4g} of {group.max_score:g} points ({group.passed} of {group.total} tests)")
     return min(round(group.score, 6), group.max_score)

@@ -159,9 +159,14 @@ def _display_name(item: pytest.Item, visibility: str) -> str:
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash[_STATE]
+    # A learner's own run has no worker to stop an endless loop: pytest-timeout stops the test.
+    timed = not state.submission and config.pluginmanager.hasplugin("timeout")
     for item in items:
         if item.get_closest_marker("gpu") and not state.cuda:
             item.add_marker(pytest.mark.skip(reason=NOT_GRADED_GPU))
+        found = state.unit_of(item.path) if timed else None
+        if found and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(state.course.limits_for(found[0]).visible_test_timeout))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -173,6 +178,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     state = item.config.stash[_STATE]
+    for learner in state.learners.values():
+        learner.backend.in_flight = None
     info = _test_info(state, item)
     if info is None:
         return
@@ -213,6 +220,19 @@ def torch_gen(seed: int):
     return torch.Generator().manual_seed(seed)
 
 
+def _timed_out(state: "CourseState", item: pytest.Item, exc: BaseException) -> str | None:
+    """pytest-timeout stopped a learner's own run: name the call of learner code that never returned."""
+    if not str(exc).startswith("Timeout"):
+        return None
+    calls = [l.backend.in_flight for l in state.learners.values() if getattr(l.backend, "in_flight", None)]
+    marker = item.get_closest_marker("timeout")
+    limit = f"{marker.args[0]:g} s" if marker and marker.args else "the time limit"
+    if not calls:
+        return f"the test did not finish within {limit}."
+    return (f"{calls[-1]()} did not return within {limit}: an endless loop (a `while` whose condition never "
+            "changes, a generator that never stops)?")
+
+
 def teaching_message(excinfo: pytest.ExceptionInfo) -> str:
     exc = excinfo.value
     if isinstance(exc, (CheckFailure, LearnerError)):
@@ -229,6 +249,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = outcome.get_result()
     if call.excinfo is not None and report.failed:
         message = teaching_message(call.excinfo)
+        timed_out = _timed_out(item.config.stash[_STATE], item, call.excinfo.value)
+        if timed_out:
+            found = item.config.stash[_STATE].unit_of(item.path)
+            learner_dir = (found[1] / found[0].dir).resolve() if found else None
+            where = [e for e in call.excinfo.traceback if learner_dir and Path(str(e.path)).resolve().is_relative_to(learner_dir)
+                     and not Path(str(e.path)).name.startswith("test_")]
+            if where:
+                timed_out += f" It was running {Path(str(where[-1].path)).name} line {where[-1].lineno + 1}."
+            message = report.longrepr = timed_out
         report.course_message = message
         exc = call.excinfo.value
         state = item.config.stash[_STATE]

@@ -45,7 +45,7 @@ def print_unit(console: Console, unit: UnitResult, max_failures: int = 12) -> No
     failures = [t for t in unit.tests if t.status not in ("passed", NOT_GRADED)]
     for test in failures[:max_failures]:
         lines = test.output.strip().splitlines() or [test.status]
-        shown = lines[:8] if test.visibility == "visible" else lines[:1]
+        shown = lines[:8]  # hidden outputs are already summarised by course.yml's hidden_feedback
         console.print(Text(f"  ✗ {test.name}", style=STATUS_STYLE.get(test.status, "red")), soft_wrap=True)
         for line in shown:
             console.print(Text(f"      {line}"), soft_wrap=True)
@@ -139,9 +139,7 @@ def feedback_markdown(report: dict, course: Course, learner: str) -> str:
         failed = [t for t in tests if t["status"] not in ("passed", NOT_GRADED)]
         shown = [t for t in failed if t["visibility"] == "visible" or course.hidden_feedback != "none"]
         for test in shown:
-            message = test.get("output", "").strip() or test["status"]
-            if test["visibility"] == "hidden":
-                message = message.splitlines()[0] if course.hidden_feedback == "summary" else message
+            message = test.get("output", "").strip() or test["status"]  # hidden: already summarised
             lines += [f"- failed: `{test['name']}`", "", "  ```", *[f"  {l}" for l in message.splitlines()[:12]], "  ```"]
         if len(shown) < len(failed):
             lines.append(f"- {len(failed) - len(shown)} hidden test(s) failed; the course does not show which")

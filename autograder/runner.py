@@ -36,12 +36,25 @@ def test_paths(unit: Unit, hidden: bool = True, visible: bool = True) -> list[Pa
     return shown + ([hidden_dir] if hidden and hidden_dir.is_dir() else [])
 
 
+SUMMARY_LINES, SUMMARY_WIDTH = 8, 300
+
+
 def _summarise(message: str, feedback: str) -> str:
+    """What a learner sees of a failed hidden test (course.yml's ``hidden_feedback``).
+
+    ``full``: the whole message.  ``summary``: what went wrong, without long dumps of the hidden
+    inputs: the first lines (the call, with shapes; the error figures: how many values differ, the
+    largest error and where) and every hint, each line cut at 300 characters, at most 8 lines.
+    ``none``: only that a hidden test failed."""
     if feedback == "full":
         return message
     if feedback == "none":
         return "a hidden test failed"
-    return message.strip().splitlines()[0][:300] if message.strip() else ""
+    lines = [line.rstrip() for line in message.strip().splitlines() if line.strip()]
+    hints = [line for line in lines if line.lstrip().startswith("Hint:")]
+    kept = [line for line in lines if line not in hints][: SUMMARY_LINES - min(len(hints), SUMMARY_LINES // 2)]
+    kept += hints[: SUMMARY_LINES - len(kept)]
+    return "\n".join(line if len(line) <= SUMMARY_WIDTH else line[: SUMMARY_WIDTH - 4] + " ..." for line in kept)
 
 
 def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: str, seed: str,
