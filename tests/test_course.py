@@ -56,7 +56,7 @@ def test_in_process_checks_grade_the_copy_not_the_exercises(course, tmp_path):
     assert test.visibility == "visible" and test.status == "passed", test.output
 
 
-@pytest.mark.parametrize("unit_id, mutant", load_mutants(COURSE), ids=[m["name"] for _, m in load_mutants(COURSE)])
+@pytest.mark.parametrize("unit_id, mutant", load_mutants(COURSE), ids=[f"{u}-{m['name']}" for u, m in load_mutants(COURSE)])
 def test_hidden_suite_catches_mutant(course, tmp_path, unit_id, mutant):
     root = copy_solutions(tmp_path)
     apply_mutant(root, course.unit(unit_id).dir, mutant)

@@ -126,16 +126,35 @@ def _aliases(name: str) -> list[tuple[object, str]]:
     return found
 
 
+def _is_torch_operator(name: str) -> bool:
+    """Is ``torch....last`` an operator of torch's dispatcher (there is an ``aten::last``)?  Plain
+    Python functions such as ``torch.cuda.max_memory_allocated`` never reach a TorchFunctionMode."""
+    if not name.startswith("torch."):
+        return False
+    try:
+        import torch
+
+        return hasattr(torch.ops.aten, name.rsplit(".", 1)[-1])
+    except (ImportError, RuntimeError, AttributeError):
+        return False
+
+
 def _refuse_operators(operators: dict) -> None:
     """Every call of a torch function passes through this mode: a forbidden operator is refused
-    whatever name it was reached by (``__name__`` is "layer_norm", "native_layer_norm.default")."""
+    whatever name it was reached by (``__name__`` is "layer_norm", "native_layer_norm.default").
+    Installed only in units that forbid an operator: it costs about a microsecond per torch call."""
+    import torch
     from torch.overrides import TorchFunctionMode
+
+    compiling = torch.compiler.is_dynamo_compiling
 
     class ForbiddenOperators(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            refuse = operators.get(getattr(func, "__name__", "").split(".")[0])
-            if refuse is not None:
-                refuse(sys._getframe(1))
+            if not compiling():  # dynamo traces the call itself; the eager call is guarded
+                name = getattr(func, "__name__", "")
+                refuse = operators.get(name.partition(".")[0])
+                if refuse is not None:
+                    refuse(sys._getframe(1))
             return func(*args, **(kwargs or {}))
 
     ForbiddenOperators().__enter__()  # for the life of the worker
@@ -169,7 +188,7 @@ def install(forbidden: list[dict], course_files: list[str] | None = None, truste
                 raise ForbiddenShortcut(f"{__name} is forbidden in this unit: {__reason}")
 
         owner = parents[-2]
-        if name.startswith("torch.") and callable(parents[-1]) and not isinstance(parents[-1], type):
+        if _is_torch_operator(name):
             operators[attrs[-1]] = refuse
         places = [(owner, attrs[-1])] + [p for p in _aliases(name) if p != (owner, attrs[-1])]
         for place, attr in places:

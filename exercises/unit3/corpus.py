@@ -5,8 +5,9 @@ number tables and text in other scripts, with emoji, contractions, punctuation r
 runs, separated by ``<|endoftext|>``.  Words follow a Zipf law, as in real text, so frequent
 pieces repeat and BPE has something to learn.  The same (n_bytes, seed) always gives the same text.
 
-The helpers at the end are what the tests use on your side of the boundary: a temporary file to
-train on, an iterable that counts how far it was read, and a peak-memory probe for streaming.
+The helpers at the end are for the notebook and the benchmark (python -m benchmarks.unit3): a
+temporary file to train on, and a peak-memory probe for streaming.  The tests do not use them: they
+generate their corpora with the course's own copy of this module, on the grader's side.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def generate(n_bytes: int, seed: int = 0, special: str | None = SPECIAL) -> str:
     return joiner.join(parts)
 
 
-# --- helpers the tests use on your side of the boundary ------------------------------------------
+# --- helpers for the notebook and the benchmark -----------------------------------------------------
 
 def write_temp(data: str | bytes, suffix: str = ".txt") -> str:
     """Write ``data`` (text as UTF-8) to a new temporary file; returns its path."""
@@ -205,26 +206,6 @@ def write_corpus(n_bytes: int, seed: int = 0) -> str:
 
 def remove(path: str) -> None:
     os.remove(path)
-
-
-class ChunkFeed:
-    """An iterable over text chunks that remembers how many were read (``pulled``)."""
-
-    def __init__(self, chunks: list[str]):
-        self.chunks = list(chunks)
-        self.pulled = 0
-
-    def __iter__(self):
-        for chunk in self.chunks:
-            self.pulled += 1
-            yield chunk
-
-
-def first_ids_pulled(encode_iterable, chunks: list[str], n_ids: int = 1) -> tuple[list[int], int]:
-    """Take the first ``n_ids`` ids of ``encode_iterable(ChunkFeed(chunks))``: (ids, chunks read by then)."""
-    feed = ChunkFeed(chunks)
-    ids = list(itertools.islice(encode_iterable(feed), n_ids))
-    return ids, feed.pulled
 
 
 def stream_file(encode_iterable, path: str) -> tuple[int, int]:

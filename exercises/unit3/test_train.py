@@ -1,24 +1,31 @@
-"""Visible tests for Part A (pre-tokens, train_bpe) and Part D (speed). Run: pytest exercises/unit3/test_train.py"""
+"""Visible tests for Part A (pre-tokens, train_bpe) and Part D (speed). Run: pytest exercises/unit3/test_train.py
 
-import time
+The tests make their inputs on their own side (corpora from the course's copy of corpus.py, files
+written with ``learner.put_file``), call your functions, and check the answers on their side."""
 
 import pytest
 
 from autograder.checks import check
 from autograder.client import Proxy
+from autograder.testing import baseline_cpu_seconds
 
 EOT = "<|endoftext|>"
 
 
-def plain_dict(learner, value):
-    """A Counter or defaultdict stays on your side as an object; the tests want a plain dict."""
-    return learner.lib("builtins").dict(value) if isinstance(value, Proxy) else value
+def kind(value) -> str:
+    """The type of a value as the learner's side knows it (an object left there arrives as a Proxy)."""
+    return value._handle.type_name if isinstance(value, Proxy) else type(value).__name__
+
+
+def plain_dict(value):
+    """A Counter or defaultdict stays on your side as an object; the tests want a plain dict (its
+    items are copied over)."""
+    return dict(list(value.items())) if isinstance(value, Proxy) else value
 
 
 def train(learner, text: str, vocab_size: int, special_tokens: list[str]):
-    corpus, bpe = learner.module("corpus"), learner.module("bpe")
-    path = corpus.write_temp(text)
-    return bpe.train_bpe(path, vocab_size, special_tokens)
+    """train_bpe on ``text``, written to a file your side can read."""
+    return learner.module("bpe").train_bpe(learner.put_file(text), vocab_size, special_tokens)
 
 
 @pytest.mark.group("pretokenize")
@@ -33,7 +40,7 @@ def test_split_on_special_keeps_each_token(learner):
 
 @pytest.mark.group("pretokenize")
 def test_count_pretokens_small_text(learner):
-    counts = plain_dict(learner, learner.module("bpe").count_pretokens(f"the cat's hat,  the cat{EOT}the", [EOT]))
+    counts = plain_dict(learner.module("bpe").count_pretokens(f"the cat's hat,  the cat{EOT}the", [EOT]))
     expected = {b"the": 2, b" cat": 2, b"'s": 1, b" hat": 1, b",": 1, b" ": 1, b" the": 1}
     check(counts == expected, f"count_pretokens gave {counts!r}; expected {expected!r}. Pre-tokens come from "
           "the GPT-2 regex (a word keeps its leading space; of two spaces the first stands alone), as UTF-8 "
@@ -76,33 +83,47 @@ def test_no_merge_across_a_special_token(learner):
     check(not any(b"<" in t or b"|" in t or b"end" in t for t in joined),
           f"merges {merges!r} include bytes of the special token: split the text on special tokens first and "
           "count only the text between them")
+    check(merges == [(b"a", b"b"), (b"c", b"d")],
+          f"merges: got {merges!r}; between the special tokens there are only the pre-tokens 'ab' (30 times) and "
+          "'cd' (once), so there are exactly two merges, (a, b) then (c, d), and then no pair is left")
 
 
 @pytest.mark.group("speed")
-def test_train_speed_within_ratio_of_hf_tokenizers(learner):
-    """Your trainer against HF tokenizers (Rust) on the same file, timed in this run."""
+def test_train_speed_within_ratio_of_hf_tokenizers(learner, monkeypatch, record_property):
+    """Your trainer against HF tokenizers (Rust, one thread) on the same 130 KB corpora, in CPU
+    seconds: yours measured from outside your process (every process it starts counts; in your own
+    pytest run, this process's CPU time), HF's by the test's process."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    corpus, bpe = learner.module("corpus"), learner.module("bpe")
-    path = corpus.write_corpus(130_000, 7)
-    text = corpus.generate(130_000, 7)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # HF on one thread, as in grading (this test only)
+    corpus, bpe = learner.course("corpus"), learner.module("bpe")
 
-    def hf_train():
+    def hf_train(text):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=[EOT], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator([text], trainer)
 
-    def timed(fn):
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    hf = min(timed(hf_train) for _ in range(3))
+    # Two corpora: each of your calls trains on text it has not seen before.
+    ratios, figures = [], []
     with learner.time_limit(120):
-        mine = min(timed(lambda: bpe.train_bpe(path, 500, [EOT])) for _ in range(2))
-    # The reference trainer takes about 2x HF's time here; recounting every pair at every merge, 50x or more.
-    check(mine <= 20 * hf, f"train_bpe (vocab 500, 130 KB) took {mine:.2f} s, {mine / hf:.0f}x HF tokenizers' "
-          f"{hf:.3f} s; allowed 20x. Count pre-tokens once, keep a pair-count table and a pair -> words index, and "
-          "after each merge update only the words that contain the merged pair")
+        for seed in (7, 8):
+            text = corpus.generate(130_000, seed)
+            path = learner.put_file(text)
+            hf = min(baseline_cpu_seconds(lambda: hf_train(text))[1] for _ in range(2))
+            result, cost = learner.measure(bpe.train_bpe, path, 500, [EOT])
+            merges = result[1] if type(result) is tuple and len(result) == 2 else None
+            check(type(merges) is list and len(merges) == 500 - 257,
+                  "train_bpe(path, 500, ['<|endoftext|>']) on 130 KB should return (vocab, merges), merges a plain "
+                  "list of 243 pairs; got " + (f"{len(merges)} merges" if type(merges) is list else kind(result)))
+            ratios.append(cost.cpu_seconds / max(hf, 1e-3))
+            figures.append(f"{cost.cpu_seconds:.2f} s vs HF {hf:.3f} s")
+    summary = (f"train_bpe (vocab 500, 130 KB), CPU time: {'; '.join(figures)} ({min(ratios):.1f}x HF at best; "
+            f"measured by {cost.source})")
+    record_property("figures", summary)
+    # CPU seconds (the course's machine): the reference takes 2.3-2.6x HF's time here, a trainer that
+    # scans all pairs for the largest at every merge about 5x, one that recounts every pair at every
+    # merge about 40x. 10x sits 4x from the reference and from the recount.
+    check(min(ratios) <= 10, f"{summary}; allowed 10x. Count pre-tokens once, keep a pair-count table and a pair -> "
+          "words index, and after each merge update only the words that contain the merged pair")

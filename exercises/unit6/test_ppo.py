@@ -181,7 +181,10 @@ def _batch(n, obs_dim, seed):
 @pytest.mark.group("ppo_update")
 def test_ppo_update_counts_steps(learner):
     ppo, envs, torch_l = learner.module("ppo"), learner.module("envs"), learner.lib("torch")
-    agent = envs.ActorCritic(6, 4, 16, 0)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are made here, by the course's ActorCritic
+        start = learner.course("envs").ActorCritic(6, 4, 16, 0).state_dict()
+    agent = envs.ActorCritic(6, 4, 16)  # a container on your side, loaded with them
+    agent.load_state_dict(start)
     opt = torch_l.optim.Adam(agent.parameters(), lr=1e-3)
     cfg = ppo.PPOConfig(epochs=3, minibatch_size=16)
     stats = ppo.ppo_update(agent, opt, _batch(40, 6, 0), cfg, torch_l.Generator().manual_seed(0))
@@ -194,16 +197,17 @@ def test_ppo_update_counts_steps(learner):
                                    "expected 1: stop after the first minibatch whose k3 exceeds target_kl")
     after = agent.state_dict()
     check(any(not torch.equal(before[k], after[k]) for k in before), "ppo_update did not change the agent's weights")
+    check(any(not torch.equal(start[k], before[k]) for k in start), "the first ppo_update did not change the agent's weights")
 
 
-# --- D. end to end -----------------------------------------------------------------------------------
+# --- D. end to end: the course's loop, run here with your functions ---------------------------------
 
 
 @pytest.mark.group("end_to_end")
 def test_gridworld_learns(learner):
-    envs = learner.module("envs")
-    with learner.time_limit(60):
-        history = envs.train_gridworld(0, 10)
+    envs, loops = learner.course("envs"), learner.course("graded_loops")  # the course's loop, run by the test
+    with loops.LearnerPPO(learner, loops.gridworld_agent(learner), 60, "PPO on the gridworld") as ppo:
+        history = envs.train_gridworld(0, 10, ppo=ppo)
     last = history[-1]
     check(last["return"] >= 0.7 and last["greedy_return"] >= 0.85,
           f"after 10 PPO updates the gridworld return is {last['return']:.2f} (greedy {last['greedy_return']:.2f}); "

@@ -21,6 +21,24 @@ def _base(learner, kind, d_in, d_out, gen):
     return layer, w, b
 
 
+def _with_gradient(learner, model, base_names, x, grad_output):
+    """{name: numel} of the parameters of your model that one backward pass (run on your side, with
+    an output gradient chosen here) gives a gradient: the trainable ones (requires_grad is read in
+    your process). Asked for: every name of your model's state_dict() and of the base model's
+    parameters (as named here, with ".base" where a LoRALinear wraps the layer)."""
+    keys = list(model.state_dict())
+
+    def yours(name):  # "h.0.attn.c_attn.weight" -> "h.0.attn.c_attn.base.weight" where a LoRALinear wraps the layer
+        prefix, _, leaf = name.rpartition(".")
+        return name if name in keys else f"{prefix}.base.{leaf}"
+
+    names = list(dict.fromkeys(keys + [yours(n) for n in base_names]))
+    out = learner.harness("call_stored", model, [x])
+    learner.harness("call_stored", learner.lib("torch").Tensor.backward, [out, grad_output])
+    grads = learner.lib("operator").attrgetter(*[f"{n}.grad" for n in names])(model)
+    return {n: g.numel() for n, g in zip(names, grads) if g is not None}
+
+
 def _set_adapter(layer, a, b):
     result = layer.load_state_dict({"lora_A": a, "lora_B": b}, strict=False)
     check(not list(result.unexpected_keys), "LoRALinear must hold its adapters as parameters named lora_A and lora_B")
@@ -102,12 +120,17 @@ def test_target_matches(learner):
 def test_inject_freezes_and_counts(learner):
     lora = learner.module("lora")
     gpt = learner.module("common.gpt")
-    model = gpt.GPT(gpt.GPTConfig(n_embd=32, n_layer=2, n_head=4))
+    config = dict(n_embd=32, n_layer=2, n_head=4)
+    model = gpt.GPT(gpt.GPTConfig(**config))
     lora.inject_lora(model, ["c_attn"], 4, 4.0)
-    summary = learner.harness("parameter_summary", model)
-    trainable = {name: n for name, (n, grad) in summary.items() if grad}
+    course_gpt = learner.course("common.gpt")  # the course's copy, here: the base model's parameter names
+    base_names = [n for n, _ in course_gpt.GPT(course_gpt.GPTConfig(**config)).named_parameters()]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(256, (2, 6), generator=g)
+    trainable = _with_gradient(learner, model, base_names, ids, torch.randn(2, 6, 256, generator=g))
     want = {f"transformer.h.{i}.attn.c_attn.lora_{x}": 4 * (32 if x == "A" else 96) for i in range(2) for x in "AB"}
-    check(trainable == want, f"after inject_lora(model, ['c_attn'], r=4) the trainable parameters should be {want}; got {trainable}")
+    check(trainable == want, f"after inject_lora(model, ['c_attn'], r=4) exactly the adapters should get a gradient in a "
+                             f"backward pass (the trainable parameters) {want}; got {trainable}")
 
 
 @pytest.mark.group("adapters_io")
@@ -126,7 +149,9 @@ def test_trainable_parameters_per_layer(learner):
     nn = learner.lib("torch.nn")
     model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 7))
     lora.inject_lora(model, ["0", "2"], 3, 3.0)
-    summary = learner.harness("parameter_summary", model)
-    trainable = sum(n for n, grad in summary.values() if grad)
+    g = torch.Generator().manual_seed(4)
+    grads = _with_gradient(learner, model, ["0.weight", "0.bias", "2.weight", "2.bias"], torch.randn(4, 20, generator=g),
+                           torch.randn(4, 7, generator=g))
+    trainable = sum(grads.values())
     check(trainable == 3 * (20 + 30) + 3 * (30 + 7),
           f"r * (d_in + d_out) per adapted layer gives {3 * (20 + 30) + 3 * (30 + 7)} trainable parameters; you have {trainable}")

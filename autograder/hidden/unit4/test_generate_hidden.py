@@ -1,8 +1,13 @@
 """Hidden tests, Part B and the performance path: greedy and seeded sampling with and without the
 cache, sample_next's distribution (temperature, top-k), a reused cache, batched prompts of different
-lengths against Hugging Face one prompt at a time, CPU speed ratios, and on a GPU: batched
-throughput, memory linear in length, a cache whose storage never moves, and a decode step
-captured once as a CUDA graph and replayed for every slot."""
+lengths against Hugging Face one prompt at a time, CPU speed against a baseline timed by the grader,
+and on a GPU: batched throughput, memory linear in length, a cache whose storage never moves, and a
+decode step captured once as a CUDA graph and replayed for every slot.
+
+Trust boundary: the expected tokens come from the course's own GPT (``learner.course``) or from
+Hugging Face, built here with the same weights as the model the learner's functions get; the speed
+test compares the CPU time of the learner's call, measured from outside the worker, with a
+baseline run and timed here."""
 
 import statistics
 import time
@@ -12,8 +17,19 @@ import pytest
 import torch
 
 from autograder.checks import check
+from autograder.testing import baseline_cpu_seconds
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread_here():
+    """The expected values are small tensor computations on this side: one torch thread for them
+    (on a busy machine, torch's threads waiting on each other make them up to 50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def config(rng) -> dict:
@@ -22,22 +38,53 @@ def config(rng) -> dict:
                 n_layer=int(rng.integers(1, 4)), n_head=n_head)
 
 
-def course_model(learner, cfg: dict, seed: int, dtype=torch.float64, scale: float = 0.3, device: str = "cpu"):
-    """The course GPT on the learner's side with random weights chosen here (larger than GPT-2's
-    init with scale 0.3, so that greedy continuations vary); returns (model, state)."""
-    gpt = learner.module("common.gpt")
-    model = gpt.GPT(gpt.GPTConfig(**cfg))
+def random_state(shapes: dict, seed: int, scale: float) -> dict:
+    """Random weights chosen here, larger than GPT-2's init with scale 0.3 (so that greedy
+    continuations vary); the head tied to the token embedding, as in GPT-2."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, tensor in model.state_dict().items():
-        shape = tuple(tensor.shape)
+    for name, shape in shapes.items():
         if "ln" in name and name.endswith("weight"):
             state[name] = 1 + 0.2 * torch.randn(shape, generator=gen)
         else:
             state[name] = (scale if len(shape) > 1 else 0.1) * torch.randn(shape, generator=gen)
     state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def course_models(learner, cfg: dict, seed: int, dtype=torch.float64, scale: float = 0.3, device: str = "cpu"):
+    """The course GPT twice, with the same random weights: ``model`` on the learner's side (what the
+    learner's functions get) and ``trusted``, the course's own copy built here, which computes every
+    expected value and the speed baseline.  Returns (model, trusted, state)."""
+    course_gpt = learner.course("common.gpt")
+    trusted = course_gpt.GPT(course_gpt.GPTConfig(**cfg))
+    state = random_state({k: tuple(v.shape) for k, v in trusted.state_dict().items()}, seed, scale)
+    trusted.load_state_dict(state)
+    gpt = learner.module("common.gpt")
+    model = gpt.GPT(gpt.GPTConfig(**cfg))
     model.load_state_dict(state)
-    return model.to(dtype).to(device).eval(), state
+    return model.to(dtype).to(device).eval(), trusted.to(dtype).to(device).eval(), state
+
+
+@torch.no_grad()
+def greedy_full(trusted, idx: torch.Tensor, new: int) -> torch.Tensor:
+    """Greedy decoding with no cache, here: every step re-runs the course model over the whole
+    sequence.  The expected greedy tokens, and the speed baseline."""
+    seq = idx
+    for _ in range(new):
+        seq = torch.cat([seq, trusted(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+def outside_top_k(trusted, seq: torch.Tensor, prompt: int, top_k: int) -> list[tuple[int, int]]:
+    """(row, position) of every new token of ``seq`` (after ``prompt`` tokens) that is not among the
+    ``top_k`` largest logits the model gives at its place, computed here: a sampled token always is."""
+    with torch.no_grad():
+        logits = trusted(seq)[:, prompt - 1:-1]
+    kth = logits.topk(top_k, dim=-1).values[..., -1]
+    chosen = logits.gather(-1, seq[:, prompt:, None])[..., 0]
+    bad = (chosen < kth - 1e-9).nonzero().tolist()  # float64 logits: no rounding near the k-th
+    return [(row, prompt + i) for row, i in bad]
 
 
 def hf_model(cfg: dict, state: dict):
@@ -71,35 +118,56 @@ def show(x) -> str:
 
 # --- generate: greedy and sampling ------------------------------------------------------------
 
+def is_continuation(out, idx: torch.Tensor, new: int) -> bool:
+    b, t = idx.shape
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (b, t + new) and torch.equal(out[:, :t], idx)
+
+
 @pytest.mark.group("generate")
 def test_greedy_cached_equals_uncached(learner, rng, seed):
     gen = learner.module("generate")
     cfg = config(rng)
-    model, _ = course_model(learner, cfg, seed)
+    model, trusted, _ = course_models(learner, cfg, seed)
     idx, new = prompt_batch(rng, cfg["vocab_size"], int(rng.integers(1, 4)), int(rng.integers(1, 30)))
     cached = gen.generate(model, idx, new, use_cache=True)
     plain = gen.generate(model, idx, new, use_cache=False)
+    expected = greedy_full(trusted, idx, new)
     b, t = idx.shape
-    check(isinstance(cached, torch.Tensor) and tuple(cached.shape) == (b, t + new) and torch.equal(cached[:, :t], idx),
-          f"generate(prompt [{b},{t}], {new} new) must return int64 [{b}, {t + new}]: the prompt, then the new tokens; got {show(cached)}")
-    # float64 model: the two paths agree to ~1e-14, far below any gap between the top two logits.
-    check(torch.equal(cached, plain), f"greedy, float64: the cached tokens differ from the uncached ones\n"
-                                      f"  cached   {show(cached)}\n  uncached {show(plain)}")
+    for out, how in ((cached, "use_cache=True"), (plain, "use_cache=False")):
+        check(is_continuation(out, idx, new),
+              f"generate(prompt [{b},{t}], {new} new, {how}) must return int64 [{b}, {t + new}]: the prompt, then the "
+              f"new tokens; got {show(out)}")
+    # float64 model: the cached and the full computation agree to ~1e-14, far below any gap between
+    # the top two logits.
+    check(torch.equal(plain, expected), f"greedy, float64, use_cache=False: the tokens differ from the full model's "
+                                        f"greedy continuation\n  yours    {show(plain)}\n  expected {show(expected)}\n"
+                                        "Hint: each step runs the model on everything so far and takes the argmax of "
+                                        "the LAST position's logits")
+    check(torch.equal(cached, expected), f"greedy, float64: the cached tokens differ from the uncached ones\n"
+                                         f"  cached   {show(cached)}\n  uncached {show(expected)} (the full model's)")
 
 
 @pytest.mark.group("generate")
 def test_seeded_sampling(learner, rng, seed):
     gen = learner.module("generate")
     cfg = config(rng)
-    model, _ = course_model(learner, cfg, seed)
+    model, trusted, _ = course_models(learner, cfg, seed)
     idx, new = prompt_batch(rng, cfg["vocab_size"], 2, 24)
     s = int(rng.integers(0, 2**31 - 1))
     temperature, top_k = float(rng.uniform(1.5, 3.0)), int(rng.integers(10, 30))
     first = gen.generate(model, idx, new, temperature=temperature, top_k=top_k, use_cache=True, seed=s)
+    what = f"generate(temperature={temperature:.2f}, top_k={top_k}, seed={s})"
+    check(is_continuation(first, idx, new), f"{what} on a prompt {list(idx.shape)} must return the prompt, then {new} "
+                                            f"new tokens; got {show(first)}")
+    # Every sampled token is among the top_k logits of the model (computed here) at its place; a token
+    # drawn without the model's logits falls outside them with probability 1 - top_k / vocab each time.
+    outside = outside_top_k(trusted, first, idx.shape[1], top_k)
+    check(not outside, f"{what}: the token at (row, position) {outside[0] if outside else ''} is not among the model's "
+                       f"{top_k} most likely there (the full model, computed by the grader); got {show(first)}\n"
+                       "Hint: sample from softmax(logits / T) over the top_k logits of the LAST position")
     again = gen.generate(model, idx, new, temperature=temperature, top_k=top_k, use_cache=True, seed=s)
     plain = gen.generate(model, idx, new, temperature=temperature, top_k=top_k, use_cache=False, seed=s)
     other = gen.generate(model, idx, new, temperature=temperature, top_k=top_k, use_cache=True, seed=s + 1)
-    what = f"generate(temperature={temperature:.2f}, top_k={top_k}, seed={s})"
     check(torch.equal(first, again), f"{what} twice gave different tokens: make one torch.Generator from the seed "
                                      f"and pass it to every sample_next call")
     check(torch.equal(first, plain), f"{what}: the same seed must give the same tokens with and without the cache "
@@ -111,16 +179,18 @@ def test_seeded_sampling(learner, rng, seed):
 def test_top_k_1_and_low_temperature_are_greedy(learner, rng, seed):
     gen = learner.module("generate")
     cfg = config(rng)
-    model, _ = course_model(learner, cfg, seed)
+    model, trusted, _ = course_models(learner, cfg, seed)
     idx, new = prompt_batch(rng, cfg["vocab_size"], 2, 20)
-    greedy = gen.generate(model, idx, new)
+    greedy = greedy_full(trusted, idx, new)  # the full model's greedy tokens, here
     top1 = gen.generate(model, idx, new, temperature=1.0, top_k=1, seed=seed)
     check(torch.equal(top1, greedy), f"top_k=1 leaves one candidate, so it must give the greedy tokens\n"
                                      f"  top_k=1 {show(top1)}\n  greedy  {show(greedy)}")
-    # temperature 1e-4 multiplies the gap between the top two logits by 1e4: a gap of 1e-3 (rare with
-    # these weights) already leaves the runner-up a probability below e^-10.
-    cold = gen.generate(model, idx, new, temperature=1e-4, seed=seed)
-    check(torch.equal(cold, greedy), f"temperature=1e-4 is all but greedy; got {show(cold)}, greedy {show(greedy)}\n"
+    # temperature 1e-6 multiplies the gap between the top two logits by 1e6: a gap of 2e-5 already
+    # leaves the runner-up a probability below e^-20.  (1e-4 was not enough: over 40 positions the
+    # smallest gap is below 3e-4 in about 1 run of 200, which gave the runner-up a few %; with 1e-6, 0
+    # mismatches in 1000 seeds of the reference.)
+    cold = gen.generate(model, idx, new, temperature=1e-6, seed=seed)
+    check(torch.equal(cold, greedy), f"temperature=1e-6 is all but greedy; got {show(cold)}, greedy {show(greedy)}\n"
                                      "Hint: divide the logits by the temperature before the softmax")
 
 
@@ -139,6 +209,7 @@ def test_sample_next_distribution(learner, rng, top_k):
     if top_k is not None:
         scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], float("-inf"))
     expected = torch.softmax(scaled, -1).numpy()
+    # The generator is an object the learner's function needs on its side: built there, seeded here.
     generator = learner.lib("torch").Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
     draws = gen.sample_next(logits.expand(n, vocab).contiguous(), temperature, top_k, generator)
     check(isinstance(draws, torch.Tensor) and tuple(draws.shape) == (n,) and draws.dtype == torch.int64,
@@ -156,7 +227,7 @@ def test_sample_next_distribution(learner, rng, top_k):
 def test_reused_cache_is_reset(learner, rng, seed):
     gen, kv = learner.module("generate"), learner.module("kvcache")
     cfg = config(rng)
-    model, _ = course_model(learner, cfg, seed)
+    model, trusted, _ = course_models(learner, cfg, seed)
     idx, new = prompt_batch(rng, cfg["vocab_size"], 1, 10)
     cache = kv.KVCache.for_model(model, 1, 40)
     first = gen.generate(model, idx, new, cache=cache)
@@ -166,10 +237,10 @@ def test_reused_cache_is_reset(learner, rng, seed):
     check(cache.length == length_after_first,
           f"after a second generate(..., cache=the same KVCache) the cache holds {cache.length} positions, after the "
           f"first {length_after_first}: reset a cache you are given before the prefill")
-    fresh = gen.generate(model, idx, new)
+    fresh = greedy_full(trusted, idx, new)  # the full model's greedy tokens, here
     check(torch.equal(first, fresh) and torch.equal(second, fresh),
-          f"generate(..., cache=the same KVCache) twice gave {show(first)} then {show(second)}; a fresh cache gives "
-          f"{show(fresh)}: reset a cache you are given before the prefill")
+          f"generate(..., cache=the same KVCache) twice gave {show(first)} then {show(second)}; the full model's greedy "
+          f"continuation is {show(fresh)}: reset a cache you are given before the prefill")
 
 
 # --- batched prompts ---------------------------------------------------------------------------
@@ -193,7 +264,7 @@ def test_left_pad(learner, rng):
 def test_batch_rows_match_hugging_face_alone(learner, rng, seed):
     gen = learner.module("generate")
     cfg = config(rng)
-    model, state = course_model(learner, cfg, seed)
+    model, _, state = course_models(learner, cfg, seed)
     prompts = [rng.integers(0, cfg["vocab_size"], size=int(n)).tolist() for n in rng.integers(1, 13, size=int(rng.integers(3, 6)))]
     prompts[0] = prompts[0][:1]  # one row mostly padding
     new = int(rng.integers(5, 12))
@@ -212,13 +283,27 @@ def test_batch_rows_match_hugging_face_alone(learner, rng, seed):
 def test_pad_id_does_not_matter_and_sampling_is_seeded(learner, rng, seed):
     gen = learner.module("generate")
     cfg = config(rng)
-    model, _ = course_model(learner, cfg, seed)
+    model, trusted, _ = course_models(learner, cfg, seed)
     prompts = [rng.integers(0, cfg["vocab_size"], size=int(n)).tolist() for n in (1, 9, 4)]
+    pad = int(rng.integers(1, cfg["vocab_size"]))
     a = gen.generate_batch(model, prompts, 8, pad_id=0)
-    b = gen.generate_batch(model, prompts, 8, pad_id=int(rng.integers(1, cfg["vocab_size"])))
-    check(a == b, f"changing only pad_id changed the continuations ({a} vs {b}): padding tokens are being attended")
+    b = gen.generate_batch(model, prompts, 8, pad_id=pad)
+    alone = [greedy_full(trusted, torch.tensor([p]), 8)[0].tolist() for p in prompts]  # here, no padding at all
+    for rows, pad_id in ((a, 0), (b, pad)):
+        check(isinstance(rows, list) and [list(r) for r in rows] == alone,
+              f"generate_batch({prompts}, 8 new, pad_id={pad_id}) gave {rows}; each prompt alone (the full model, "
+              f"computed by the grader) continues as {alone}: padding tokens are being attended, or counted as positions")
     s = int(rng.integers(0, 2**31 - 1))
     x = gen.generate_batch(model, prompts, 8, temperature=1.0, top_k=10, seed=s)
+    check(isinstance(x, list) and len(x) == len(prompts) and all(len(r) == len(p) + 8 for r, p in zip(x, prompts)),
+          f"generate_batch(temperature=1.0, top_k=10, seed={s}) must return each prompt then 8 new tokens; got {x!r}"[:400])
+    for prompt, row in zip(prompts, x):
+        # Each sampled token is among the 10 most likely of the model given the row's own tokens
+        # (its prompt and what was sampled before it, no padding), computed here.
+        outside = outside_top_k(trusted, torch.tensor([list(row)]), len(prompt), 10)
+        check(list(row[:len(prompt)]) == prompt and not outside,
+              f"generate_batch(temperature=1.0, top_k=10, seed={s}): row {row} (prompt {prompt}) has tokens outside the "
+              f"model's 10 most likely at positions {[p for _, p in outside]}, given that row's own tokens")
     y = gen.generate_batch(model, prompts, 8, temperature=1.0, top_k=10, seed=s)
     check(x == y, f"generate_batch(temperature=1.0, top_k=10, seed={s}) twice gave {x} then {y}")
 
@@ -228,41 +313,69 @@ def test_pad_id_does_not_matter_and_sampling_is_seeded(learner, rng, seed):
 SPEED_CFG = dict(vocab_size=256, n_positions=512, n_embd=128, n_layer=2, n_head=4)
 
 
+def greedy_mistakes(trusted, out, idx: torch.Tensor, new: int) -> str:
+    """'' when ``out`` is the prompt followed by a greedy continuation of the model (each new token's
+    logit, computed here over ``out``, within 1e-4 of the largest: float32, cached and full
+    computations differ by ~1e-6); else what is wrong."""
+    if not is_continuation(out, idx, new):
+        return f"it returned {show(out)[:100]}, not the prompt [1, {idx.shape[1]}] then {new} new tokens"
+    with torch.no_grad():
+        logits = trusted(out)[:, idx.shape[1] - 1:-1]
+    gap = logits.max(-1).values - logits.gather(-1, out[:, idx.shape[1]:, None])[..., 0]
+    if gap.max() > 1e-4:
+        return (f"token {int(gap.argmax()) + 1} of the {new} new ones is not the model's greedy choice (its logit is "
+                f"{float(gap.max()):.3g} below the largest)")
+    return ""
+
+
 @pytest.mark.group("speed")
 def test_cached_decode_speed_and_flat_per_token_time(learner, rng, seed, record_property):
+    """The CPU time of your cached generate (greedy, 1 torch thread), measured by the grader from
+    outside your process (every process and thread of it counts), against a baseline that the
+    grader runs and times itself: the course model re-run over the whole sequence for every token,
+    same weights, one thread.  Also: the cached time per token stays flat from 64 to 256 tokens."""
     gen = learner.module("generate")
-    model, _ = course_model(learner, SPEED_CFG, seed, torch.float32, scale=0.02)
+    model, trusted, _ = course_models(learner, SPEED_CFG, seed, torch.float32, scale=0.02)
     torch_there = learner.lib("torch")
     threads = torch_there.get_num_threads()
-    # One intra-op thread while timing: on a shared machine, threads that wait on each other make the
-    # many small ops of a decode step erratic.  Both paths run the same way; only ratios are checked.
+    # One intra-op thread on both sides: on a shared machine, threads that wait on each other make the
+    # many small ops of a decode step erratic (and their spinning would count as your CPU time).
     torch_there.set_num_threads(1)
-    times = {("cached", 64): [], ("cached", 256): [], ("uncached", 256): []}
+    cpu = {("cached", 64): [], ("cached", 256): [], ("baseline", 256): []}
     try:
         with learner.time_limit(120):
             gen.generate(model, torch.zeros(1, 16, dtype=torch.long), 8)  # warm-up
             for k in range(3):  # interleaved: every variant sees the same machine load
-                for (kind, new), bucket in times.items():
-                    if kind == "uncached" and k == 2:
-                        continue  # the slow baseline twice is enough for its median
+                for (kind, new), seconds in cpu.items():
+                    if kind == "baseline" and k == 2:
+                        continue  # the slow baseline twice is enough for its minimum
                     idx = torch.from_numpy(rng.integers(0, 256, size=(1, 16)))  # fresh input per call
-                    start = time.perf_counter()
-                    out = gen.generate(model, idx, new, use_cache=kind == "cached")
-                    bucket.append(time.perf_counter() - start)
-                    check(isinstance(out, torch.Tensor) and tuple(out.shape) == (1, 16 + new),
-                          f"generate(prompt [1,16], {new} new) returned {show(out)[:80]}")
+                    if kind == "baseline":
+                        seconds.append(baseline_cpu_seconds(lambda idx=idx, new=new: greedy_full(trusted, idx, new))[1])
+                        continue
+                    out, cost = learner.measure(gen.generate, model, idx, new)
+                    wrong = greedy_mistakes(trusted, out, idx, new)
+                    check(not wrong, f"generate(prompt [1,16], {new} new, greedy, use_cache=True): {wrong}")
+                    seconds.append(cost.cpu_seconds)
     finally:
         torch_there.set_num_threads(threads)
-    med = {key: statistics.median(v) for key, v in times.items()}
-    speedup = med[("uncached", 256)] / med[("cached", 256)]
-    per_token_growth = (med[("cached", 256)] / 256) / (med[("cached", 64)] / 64)
-    figures = (f"256 new tokens: {med[('cached', 256)] * 1e3:.0f} ms cached, {med[('uncached', 256)] * 1e3:.0f} ms "
-               f"uncached ({speedup:.1f}x); cached per token: {med[('cached', 64)] / 64 * 1e3:.2f} ms at 64 new tokens, "
-               f"{med[('cached', 256)] / 256 * 1e3:.2f} ms at 256")
+    # Minima: interference (other processes, the machine's load) only ever adds CPU time.
+    best = {key: min(v) for key, v in cpu.items()}
+    speedup = best[("baseline", 256)] / best[("cached", 256)]
+    per_token_growth = (best[("cached", 256)] / 256) / (best[("cached", 64)] / 64)
+    figures = (f"256 new tokens: {best[('cached', 256)] * 1e3:.0f} ms CPU cached, {best[('baseline', 256)] * 1e3:.0f} ms "
+               f"CPU for the grader's uncached baseline ({speedup:.1f}x); cached per token: "
+               f"{best[('cached', 64)] / 64 * 1e3:.2f} ms at 64 new tokens, {best[('cached', 256)] / 256 * 1e3:.2f} ms at 256")
     record_property("figures", figures)
-    # A cache gives ~5-6x here (one thread); recomputing every step gives ~1x.
-    check(speedup >= 3, f"{figures}: the cached decode must be at least 3x faster than the uncached one")
-    # Cached: per-token time ~flat (growth ~1.0); recomputing everything grows ~2.5x from 64 to 256 tokens.
+    # CPU seconds, one thread each side (minimum of 3 calls, of 2 baseline runs).  Measured: the
+    # solution 5.4-5.7x in the sandboxed worker; no cache (the whole sequence re-run per token, as the
+    # baseline does) 0.8-0.95x.  2.5x sits a factor ~2.2 below the first and ~2.6 above the second
+    # (their geometric middle); CPU burners the learner's code starts count against it and only lower
+    # its ratio, load elsewhere changes neither CPU time much.
+    check(speedup >= 2.5, f"{figures}: the cached decode must be at least 2.5x faster than the uncached baseline")
+    # Cached: per-token time ~flat (growth 0.95-1.07 measured); recomputing everything grows 2.2-2.4x
+    # from 64 to 256 tokens.  A constant overhead per call would flatten the growth, but it only adds to
+    # the 256-token time that the check above compares with the baseline: together they cannot pass.
     check(per_token_growth <= 1.75, f"{figures}: per-token time grew {per_token_growth:.2f}x from 64 to 256 tokens; "
                                     "with a cache each step costs about the same")
 
@@ -272,8 +385,13 @@ def test_cached_decode_speed_and_flat_per_token_time(learner, rng, seed, record_
 GPU_CFG = dict(vocab_size=512, n_positions=1024, n_embd=256, n_layer=4, n_head=4)
 
 
+def _gpu_models(learner, seed):
+    """(the learner's model, the trusted copy), both on the GPU with the same weights."""
+    return course_models(learner, GPU_CFG, seed, torch.float32, scale=0.02, device="cuda")[:2]
+
+
 def _gpu_model(learner, seed):
-    return course_model(learner, GPU_CFG, seed, torch.float32, scale=0.02, device="cuda")[0]
+    return _gpu_models(learner, seed)[0]
 
 
 @pytest.mark.gpu
@@ -342,7 +460,7 @@ def test_gpu_peak_memory_grows_linearly(learner, rng, seed):
 @pytest.mark.group("gpu")
 def test_gpu_static_cache_and_matching_logits(learner, rng, seed):
     kv = learner.module("kvcache")
-    model = _gpu_model(learner, seed)
+    model, trusted = _gpu_models(learner, seed)
     batch, total = 8, 48
     idx = torch.from_numpy(rng.integers(0, 512, size=(batch, total))).cuda()
     cache = kv.KVCache.for_model(model, batch, total)
@@ -352,7 +470,8 @@ def test_gpu_static_cache_and_matching_logits(learner, rng, seed):
     after = learner.harness("data_ptrs", cache, ["k", "v"])
     check(before == after, "on cuda, cache.k / cache.v moved during decoding: a static (preallocated) cache keeps "
                            "its addresses, which CUDA graphs and torch.compile(mode='reduce-overhead') rely on")
-    full = model(idx)
+    with torch.no_grad():
+        full = trusted(idx)  # the full model, here, on the same GPU
     got = torch.cat([prefill, *steps], dim=1).cpu()
     # float32 on the GPU (TF32 off by default for matmuls): reductions in another order, ~1e-5 relative.
     from autograder.checks import assert_close
@@ -364,7 +483,7 @@ def test_gpu_static_cache_and_matching_logits(learner, rng, seed):
 @pytest.mark.group("gpu")
 def test_gpu_decode_step_replayed_as_a_cuda_graph(learner, rng, seed):
     kv = learner.module("kvcache")
-    model = _gpu_model(learner, seed)
+    model, trusted = _gpu_models(learner, seed)
     batch, prompt, total = 8, 12, 40
     idx = torch.from_numpy(rng.integers(0, 512, size=(batch, total))).cuda()
     cache = kv.KVCache.for_model(model, batch, total)
@@ -374,7 +493,8 @@ def test_gpu_decode_step_replayed_as_a_cuda_graph(learner, rng, seed):
         replayed = learner.harness("cuda_graph_decode", kv.decode_step, model, cache, idx[:, prompt:], prompt)
     check(learner.harness("data_ptrs", cache, ["k", "v"]) == before,
           "cache.k / cache.v moved: a CUDA graph replays reads and writes at the addresses it captured")
-    full = model(idx).cpu()
+    with torch.no_grad():
+        full = trusted(idx).cpu()  # the full model, here, on the same GPU
     from autograder.checks import assert_close
 
     # float32 on the GPU: the same reductions as the eager step, another order than model(idx): ~1e-5.

@@ -5,6 +5,8 @@ import warnings
 
 import torch
 
+from autograder.checks import check
+
 GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
@@ -58,6 +60,53 @@ def random_adapters(peft_model, gen) -> dict:
     return chosen
 
 
-def trainable_names(learner, model) -> dict:
-    summary = learner.harness("parameter_summary", model)
-    return {name: n for name, (n, grad) in summary.items() if grad}
+def their_name(name: str, keys) -> str:
+    """A base model's parameter name as the learner's model calls it: unchanged, or with ``.base``
+    before the last part where a LoRALinear wraps the layer ("h.0.attn.c_attn.base.weight")."""
+    prefix, _, leaf = name.rpartition(".")
+    return name if name in keys or not prefix else f"{prefix}.base.{leaf}"
+
+
+def received_gradient(learner, model, base_names, ids, grad_output, logits_attr: str | None = "logits") -> dict:
+    """{name: gradient} of every parameter of the learner's model that one backward pass gives a
+    gradient: the model's logits on ``ids`` times ``grad_output`` (chosen here), run on the
+    learner's side (requires_grad is state of that process; the gradients come back as tensors).
+    Asked for: every name of the model's state_dict() and every parameter of the base model (names
+    made here, ``base_names``), so nothing can be left out of the answer."""
+    keys = list(model.state_dict())
+    names = list(dict.fromkeys([*keys, *(their_name(n, keys) for n in base_names)]))
+    ltorch = learner.lib("torch")
+    out = learner.harness("call_stored", model, [ids])
+    logits = learner.harness("call_stored", learner.lib("builtins").getattr, [out, logits_attr]) if logits_attr else out
+    learner.harness("call_stored", ltorch.Tensor.backward, [logits, grad_output])
+    attrgetter = learner.lib("operator").attrgetter
+    try:
+        grads = attrgetter(*[f"{n}.grad" for n in names])(model)
+    except AttributeError:
+        missing = []
+        for n in names:
+            try:
+                attrgetter(n)(model)
+            except AttributeError:
+                missing.append(n)
+        check(False, f"the adapted model has no parameters {missing[:3]}: a LoRALinear keeps the layer it wraps as "
+                     "self.base (so 'h.0.attn.c_attn.weight' becomes 'h.0.attn.c_attn.base.weight') and its adapters as "
+                     "lora_A and lora_B")
+    grads = (grads,) if len(names) == 1 else grads
+    return {n: g for n, g in zip(names, grads) if g is not None}
+
+
+def oracle_gradients(oracle, ids, grad_output) -> dict:
+    """The gradients peft's model gives its adapters for the same output gradient, computed here,
+    under the course's names ("<module name>.lora_A" / ".lora_B")."""
+    prefix = "base_model.model."
+    oracle.zero_grad(set_to_none=True)
+    oracle(input_ids=ids).logits.backward(grad_output)
+    grads = {}
+    for name, param in oracle.named_parameters():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.default.weight"
+            if name.endswith(suffix) and param.grad is not None:
+                grads[name[len(prefix):-len(suffix)] + "." + part] = param.grad.clone()
+    oracle.zero_grad(set_to_none=True)
+    return grads

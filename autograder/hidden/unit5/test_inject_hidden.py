@@ -1,5 +1,11 @@
 """Hidden tests, Part B: target matching against peft's own rule, inject_lora on GPT-2 (Conv1D)
-and Llama (nn.Linear) against peft.get_peft_model with the same adapters, freezing, parameter counts."""
+and Llama (nn.Linear) against peft.get_peft_model with the same adapters, freezing, parameter counts.
+
+Which parameters are trainable (requires_grad) is state of the learner's process: the tests read it
+there, as the gradients one backward pass leaves on the parameters (run there, on ids and an output
+gradient chosen here), ask for every parameter of the base model by names made here, count the
+trainable numbers from those gradients' shapes, and check the adapters' gradients against peft's,
+computed here with the same weights and adapters."""
 
 import pytest
 import torch
@@ -8,7 +14,7 @@ from hypothesis import strategies as st
 
 from autograder.checks import assert_close, check
 
-from autograder.hidden.unit5._models import build_pair, peft_model, random_adapters, trainable_names
+from autograder.hidden.unit5._models import build_pair, oracle_gradients, peft_model, random_adapters, received_gradient
 
 PARTS = ["h", "0", "1", "attn", "c_attn", "c_attn_extra", "xc_attn", "mlp", "c_proj", "q_proj", "proj", "layers"]
 REGEXES = ["c_attn", r".*\.c_attn", r".*attn.*", r"h\.0\..*proj", r".*(q|c)_proj", r"attn", r".*\.\d\.attn"]
@@ -51,6 +57,7 @@ CASES = [
 def test_inject_matches_peft(learner, rng, torch_gen, seed, arch, targets, fan_in_fan_out, rslora):
     lora = learner.module("lora")
     trusted, theirs, vocab = build_pair(learner, arch, seed)
+    base_names = [name for name, _ in trusted.named_parameters()]  # before peft wraps the model
     r, alpha = int(rng.choice([2, 4, 8])), float(rng.integers(1, 33))
     returned = lora.inject_lora(theirs, targets, r, alpha, 0.0, rslora)
     check(returned is not None, "inject_lora should return the model it changed in place")
@@ -62,13 +69,6 @@ def test_inject_matches_peft(learner, rng, torch_gen, seed, arch, targets, fan_i
     check(not unexpected, f"{call}: peft adapts {sorted({k.rsplit('.', 1)[0] for k in adapters})}, but your model has no "
                           f"LoRA parameters {unexpected[:3]}...: check which modules you replace")
 
-    want_trainable, _ = oracle.get_nb_trainable_parameters()
-    mine = trainable_names(learner, theirs)
-    check(set(mine) == set(adapters), f"{call}: the trainable parameters should be exactly the adapters {sorted(adapters)[:4]}...; "
-                                      f"yours are {sorted(mine)[:4]}... ({len(mine)} tensors)"
-                                      + (" (freeze every base parameter)" if len(mine) > len(adapters) else ""))
-    check(sum(mine.values()) == want_trainable, f"{call}: {sum(mine.values())} trainable parameters; peft has {want_trainable}")
-
     ids = torch.randint(vocab, (2, 12), generator=torch_gen)
     with torch.no_grad():
         want = oracle(input_ids=ids).logits
@@ -76,6 +76,20 @@ def test_inject_matches_peft(learner, rng, torch_gen, seed, arch, targets, fan_i
     assert_close(theirs(ids).logits, want, rtol=1e-4, atol=1e-5, call=f"{call}: logits on ids[2,12]",
                  hint="forward is base(x) + B(A(x)) * scaling with A and B as loaded; "
                       + ("GPT-2's Conv1D computes x @ W + b with W [d_in, d_out]" if arch == "gpt2" else ""))
+
+    want_trainable, _ = oracle.get_nb_trainable_parameters()
+    grad_output = torch.randn(want.shape, generator=torch_gen)
+    mine = received_gradient(learner, theirs, base_names, ids, grad_output)
+    check(set(mine) == set(adapters), f"{call}: after a backward pass exactly the adapters {sorted(adapters)[:4]}... should have "
+                                      f"gradients; yours are {sorted(mine)[:4]}... ({len(mine)} tensors)"
+                                      + (" (freeze every base parameter)" if len(mine) > len(adapters) else ""))
+    count = sum(g.numel() for g in mine.values())
+    check(count == want_trainable, f"{call}: {count} trainable parameters; peft has {want_trainable}")
+    # float32, the same layers as peft's: only association order may differ (0 seen; allowed: 1e-5 of the largest).
+    for key, grad in oracle_gradients(oracle, ids, grad_output).items():
+        assert_close(mine[key], grad, rtol=1e-4, atol=1e-5 * float(grad.abs().max()),
+                     call=f"{call}: the gradient of {key} (backward of the logits on ids[2,12], output gradient chosen here)",
+                     hint="with forward = base(x) + B(A(x)) * scaling and the base frozen, these are peft's gradients")
 
 
 @pytest.mark.group("inject")
@@ -87,22 +101,24 @@ def test_no_match_raises(learner, seed):
 
 
 @pytest.mark.group("inject")
-def test_frozen_base_gets_no_gradient(learner, rng, seed):
+def test_frozen_base_gets_no_gradient(learner, rng, seed, torch_gen):
     lora = learner.module("lora")
-    _, theirs, vocab = build_pair(learner, "gpt2", seed)
+    trusted, theirs, vocab = build_pair(learner, "gpt2", seed)
     lora.inject_lora(theirs, ["c_fc"], 4, 8.0)
-    summary = learner.harness("parameter_summary", theirs)
-    thawed = [name for name, (_, grad) in summary.items() if grad and ".lora_" not in name]
-    check(not thawed, f"after inject_lora these base parameters still have requires_grad=True: {thawed[:4]}; freeze all of them")
-    adapters = [name for name, (_, grad) in summary.items() if grad]
-    check(len(adapters) == 2 * 2, f"two GPT-2 blocks with c_fc adapted have 4 trainable tensors; found {adapters}")
+    ids = torch.randint(vocab, (2, 8), generator=torch_gen)
+    grads = received_gradient(learner, theirs, [n for n, _ in trusted.named_parameters()], ids,
+                              torch.randn(2, 8, vocab, generator=torch_gen))
+    thawed = [name for name in grads if ".lora_" not in name]
+    check(not thawed, f"after inject_lora, a backward pass gave these base parameters a gradient: {thawed[:4]}; "
+                      "freeze all of them (requires_grad_(False))")
+    check(len(grads) == 2 * 2, f"two GPT-2 blocks with c_fc adapted have 4 trainable tensors; these got a gradient: {sorted(grads)}")
 
 
 @pytest.mark.group("performance")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_trainable_parameters_exactly_r_times_din_plus_dout(learner, rng, seed, arch):
+def test_trainable_parameters_exactly_r_times_din_plus_dout(learner, rng, seed, torch_gen, arch):
     lora = learner.module("lora")
-    trusted, theirs, _ = build_pair(learner, arch, seed)
+    trusted, theirs, vocab = build_pair(learner, arch, seed)
     r = int(rng.integers(1, 9))
     targets = ["c_attn", "c_proj", "c_fc"] if arch == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora.inject_lora(theirs, targets, r, 2.0 * r)
@@ -113,11 +129,15 @@ def test_trainable_parameters_exactly_r_times_din_plus_dout(learner, rng, seed, 
             d_in, d_out = (w.shape[0], w.shape[1]) if arch == "gpt2" else (w.shape[1], w.shape[0])
             per_layer[name] = r * (d_in + d_out)
             want += per_layer[name]
-    mine = trainable_names(learner, theirs)
+    # Trainable = what a backward pass gives a gradient (B = 0 at first: A's gradient is zero, not absent).
+    ids = torch.randint(vocab, (2, 8), generator=torch_gen)
+    mine = received_gradient(learner, theirs, [n for n, _ in trusted.named_parameters()], ids,
+                             torch.randn(2, 8, vocab, generator=torch_gen))
     got = {}
-    for name, n in mine.items():
-        got[name.rsplit(".", 1)[0]] = got.get(name.rsplit(".", 1)[0], 0) + n
+    for name, grad in mine.items():
+        got[name.rsplit(".", 1)[0]] = got.get(name.rsplit(".", 1)[0], 0) + grad.numel()
+    total = sum(g.numel() for g in mine.values())
     bad = {k: (got.get(k), v) for k, v in per_layer.items() if got.get(k) != v}
-    check(not bad and sum(mine.values()) == want,
+    check(not bad and total == want,
           f"each adapted layer trains exactly r * (d_in + d_out) numbers (r={r}); total should be {want}, yours is "
-          f"{sum(mine.values())}; layers that differ (yours, expected): {dict(list(bad.items())[:3])}")
+          f"{total}; layers that differ (yours, expected): {dict(list(bad.items())[:3])}")

@@ -147,6 +147,9 @@ def test_gae_episodes_are_independent(learner, cut, seed):
     assert_close(full[:cut], head, rtol=1e-9, atol=1e-9,
                  call=f"compute_gae over 12 steps with dones at step {cut - 1}, first {cut} steps vs those steps alone",
                  hint="an episode's advantages must not see the next episode: GAE resets at dones")
+    # and they are the episode's own advantages (a compute_gae that returns zeros is "independent" too)
+    assert_close(head, gae_oracle(r[:cut], v[:cut], d[:cut], 0.97, 0.9)[0], rtol=1e-9, atol=1e-9,
+                 call=f"compute_gae over the first {cut} steps (an episode that ends at its last step)")
 
 
 def _with_holes(g, m):

@@ -1,6 +1,8 @@
 """Hidden tests, Unit 6 parts C-D: ppo_update against a reference loop run here from the same
-weights and seed (entropy bonus, gradient clipping, masks, early stop), PPO learning the
-gridworld and the toy RLHF task, and on a GPU: per-token log-probs in bf16, against a loop."""
+weights (made here) and seed (entropy bonus, gradient clipping, masks, early stop), PPO learning
+the gridworld and the toy RLHF task (the course's loops run here and call the learner's functions
+one at a time; returns, score and KL measured here), and on a GPU: per-token log-probs in bf16,
+against a loop."""
 
 import statistics
 import time
@@ -84,11 +86,20 @@ def _batch(rng, n, obs_dim, seq=None, agent=None):
     return batch
 
 
+def start_weights(learner, obs_dim, hidden, seed):
+    """An agent's initial weights, made here: the course's ActorCritic, seeded as the course seeds it
+    (its global reseed kept out of this process's random state)."""
+    with torch.random.fork_rng(devices=[]):
+        return learner.course("envs").ActorCritic(obs_dim, 4, hidden, seed % 1000).state_dict()
+
+
 def _run_both(learner, rng, seed, cfg, n=50, seq=None, obs_dim=6, hidden=16, lr=1e-2, **ref_kwargs):
     ppo, envs, torch_l = learner.module("ppo"), learner.module("envs"), learner.lib("torch")
-    agent = envs.ActorCritic(obs_dim, 4, hidden, seed % 1000)
+    start = start_weights(learner, obs_dim, hidden, seed)
+    agent = envs.ActorCritic(obs_dim, 4, hidden)  # a container on the learner's side, loaded with the weights made here
+    agent.load_state_dict(start)
     ref = RefActorCritic(obs_dim, 4, hidden)
-    ref.load_state_dict(agent.state_dict())
+    ref.load_state_dict(start)
     batch = _batch(rng, n, obs_dim, seq, ref)
     opt = torch_l.optim.Adam(agent.parameters(), lr=lr)
     stats = ppo.ppo_update(agent, opt, batch, ppo.PPOConfig(**cfg), torch_l.Generator().manual_seed(seed))
@@ -137,10 +148,9 @@ def test_update_returns_mean_statistics(learner, rng, seed):
 
 @pytest.mark.group("ppo_update")
 def test_early_stop_on_kl(learner, rng, seed):
-    ppo, envs = learner.module("ppo"), learner.module("envs")
     # Pick a target_kl that the reference crosses part of the way through (its k3 grows as the policy moves).
     probe = RefActorCritic(6, 4, 16)
-    probe.load_state_dict(envs.ActorCritic(6, 4, 16, seed % 1000).state_dict())
+    probe.load_state_dict(start_weights(learner, 6, 16, seed))
     state = np.random.default_rng(seed)
     batch = _batch(state, 50, 6, None, probe)
     _, kls = reference_update(probe, torch.optim.Adam(probe.parameters(), lr=3e-2), batch, dict(CFG, target_kl=None),
@@ -163,15 +173,17 @@ def test_early_stop_on_kl(learner, rng, seed):
         assert_close(mine[name], reference, rtol=1e-3, atol=1e-4, call=f"weight {name} after an early-stopped ppo_update")
 
 
-# --- D. end to end -----------------------------------------------------------------------------
+# --- D. end to end: the course's loops, run here with the learner's functions ----------------------
 
 
 @pytest.mark.group("end_to_end")
-def test_gridworld_reaches_the_goal(learner, seed):
-    envs = learner.module("envs")
-    with learner.time_limit(90):
-        history = envs.train_gridworld(seed % 10_000, 10)
+def test_gridworld_reaches_the_goal(learner, seed, record_property):
+    envs, loops = learner.course("envs"), learner.course("graded_loops")  # the course's environment and loop, here
+    with loops.LearnerPPO(learner, loops.gridworld_agent(learner), 90, "PPO on the gridworld") as ppo:
+        history = envs.train_gridworld(seed % 10_000, 10, ppo=ppo)
     first, last = history[0], history[-1]
+    record_property("figures", f"seed {seed % 10_000}: return {first['return']:.2f} -> {last['return']:.2f}, greedy "
+                               f"{last['greedy_return']:.2f} after 10 updates ({ppo.calls} calls of your functions)")
     check(last["return"] >= 0.7 and last["greedy_return"] >= 0.85,
           f"PPO on the 5x5 gridworld (seed {seed % 10_000}, 10 updates): mean return {first['return']:.2f} -> "
           f"{last['return']:.2f}, greedy {last['greedy_return']:.2f}; expected >= 0.7 and greedy 0.86 (the best). "
@@ -179,13 +191,15 @@ def test_gridworld_reaches_the_goal(learner, seed):
 
 
 @pytest.mark.group("end_to_end")
-def test_toy_rlhf_reward_rises_with_bounded_kl(learner, seed):
-    rlhf = learner.module("rlhf")
-    with learner.time_limit(90):
-        history = rlhf.train_toy_rlhf(seed % 10_000, 15)
+def test_toy_rlhf_reward_rises_with_bounded_kl(learner, seed, record_property):
+    rlhf, loops = learner.course("rlhf"), learner.course("graded_loops")  # the course's GPT, sampling, reward model and loop, here
+    with loops.LearnerPPO(learner, loops.rlhf_policy(learner), 90, "toy RLHF") as ppo:
+        history = rlhf.train_toy_rlhf(seed % 10_000, 15, ppo=ppo)
     start = history[0]["score"]
     end = statistics.mean(h["score"] for h in history[-3:])
     kl = statistics.mean(h["kl"] for h in history[-3:])
+    record_property("figures", f"seed {seed % 10_000}: score {start:.2f} -> {end:.2f}, KL {kl:.2f} nats after 15 "
+                               f"updates ({ppo.calls} calls of your functions)")
     check(start <= 0.15, f"the toy RLHF task starts at score {start:.2f}; expected about 1/16 (a fresh policy)")
     check(end >= 0.25, f"toy RLHF (seed {seed % 10_000}): the mean score rose from {start:.2f} to only {end:.2f} after "
                       "15 updates; expected >= 0.25")
