@@ -211,13 +211,18 @@ class Cost:
     ``peak_bytes``: the highest memory during the call above the memory when it started.
     ``peak_since_ready``: the highest memory since the worker became ready, above its memory then;
     after ``learner.restart()`` that covers the learner's import too, which no earlier allocation
-    can hide.  ``source``: "cgroup", "/proc" (no cgroup here) or "in-process" (a learner's own run)."""
+    can hide.  ``held_at_start``: the worker's memory when the call started, above its memory when
+    it became ready.  ``kept_bytes``: anonymous memory (heap, tensors; no library pages) after the
+    call minus before it: what the call's results and records keep alive (may be negative).
+    ``source``: "cgroup", "/proc" (no cgroup here) or "in-process" (a learner's own run)."""
 
     cpu_seconds: float
     wall_seconds: float
     peak_bytes: int
     peak_since_ready: int
     source: str
+    held_at_start: int = 0
+    kept_bytes: int = 0
 
     def describe(self) -> str:
         return (f"{self.cpu_seconds * 1e3:.1f} ms CPU, {self.wall_seconds * 1e3:.1f} ms wall, peak "
@@ -322,12 +327,13 @@ class InProcessBackend(Backend):
         if linux:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current resident size
-            before = _status_kib("VmRSS")
+            before, anonymous = _status_kib("VmRSS"), _status_kib("RssAnon")
         cpu, wall = time.process_time(), time.perf_counter()
         value = self.request(request, call)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         peak = max(0, _status_kib("VmHWM") - before) if linux else 0
-        return value, Cost(cpu, wall, peak, peak, "in-process")
+        kept = _status_kib("RssAnon") - anonymous if linux else 0
+        return value, Cost(cpu, wall, peak, peak, "in-process", kept_bytes=kept)
 
     def input_dir(self) -> tuple[Path, str]:
         if self.inputs is None:
@@ -457,7 +463,9 @@ class WorkerBackend(Backend):
             end = meter.now()
             peak = meter.peak()
             cost = Cost((end.cpu_ns - start.cpu_ns) / 1e9, wall, max(0, peak - start.memory),
-                        max(0, meter.life_peak - worker.ready_memory), meter.source)
+                        max(0, meter.life_peak - worker.ready_memory), meter.source,
+                        held_at_start=max(0, start.memory - worker.ready_memory),
+                        kept_bytes=end.anonymous - start.anonymous)
             return value, cost
 
     def restart(self) -> None:

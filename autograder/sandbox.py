@@ -251,6 +251,16 @@ class Cgroup:
         name = "memory.usage_in_bytes" if self.kind == "v1" else "memory.current"
         return int((self.memory / name).read_text())
 
+    def anonymous_now(self) -> int:
+        """Anonymous memory only (the heap, tensors): what the worker's objects hold, without the
+        file pages of the libraries it loaded."""
+        key = "rss" if self.kind == "v1" else "anon"
+        for line in (self.memory / "memory.stat").read_text().splitlines():
+            name, value = line.split()
+            if name == key:
+                return int(value)
+        raise OSError(f"memory.stat has no {key}")
+
     def memory_peak(self, reset: bool = False) -> int:
         """The peak since the last reset (v1, and v2 where memory.peak can be reset) or since the
         cgroup was made.  Only the trusted side can reset it: the file is not writable in the
@@ -382,7 +392,18 @@ class Usage:
     """What the worker's processes used, read from outside: by the cgroup, or by /proc."""
     cpu_ns: int
     memory: int
+    anonymous: int
     source: str
+
+
+def _anonymous_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class Meter:
@@ -402,9 +423,10 @@ class Meter:
     def now(self) -> Usage:
         cgroup = self.worker.cgroup
         if cgroup is not None:
-            return Usage(cgroup.cpu_ns(), cgroup.memory_now(), "cgroup")
+            return Usage(cgroup.cpu_ns(), cgroup.memory_now(), cgroup.anonymous_now(), "cgroup")
         pids = _tree(self.worker.process.pid)
-        return Usage(sum(_cpu_ns_of(p) for p in pids), sum(_rss_bytes(p) for p in pids), "/proc")
+        return Usage(sum(_cpu_ns_of(p) for p in pids), sum(_rss_bytes(p) for p in pids),
+                     sum(_anonymous_bytes(p) for p in pids), "/proc")
 
     def peak(self, reset: bool = False) -> int:
         cgroup = self.worker.cgroup
@@ -781,7 +803,11 @@ class Spawner:
         threads = str(int(self.cpus))
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "USER": "learner", "LOGNAME": "learner",
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
-               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+               # glibc serves blocks of 1 MiB and more by mmap and gives them back when freed (it
+               # raises this threshold up to 32 MiB by itself otherwise): memory measured from
+               # outside then shows what the learner's objects hold, not what the allocator kept.
+               "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
         for key in ("CUDA_VISIBLE_DEVICES", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "LD_LIBRARY_PATH"):
             if key in os.environ:
                 env[key] = os.environ[key]

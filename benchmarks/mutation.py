@@ -173,6 +173,17 @@ def _baseline_seconds(unit_id: str) -> float:
     return time.monotonic() - start
 
 
+def forget_survivors(unit_id: str) -> int:
+    """Make the unit's survivors pending again, to grade them with the sharpened hidden suite (the
+    killed stay killed: a sharper suite only adds checks)."""
+    from cosmic_ray.work_db import WorkDB, WorkResultStorage, use_db
+    from cosmic_ray.work_item import TestOutcome
+
+    with use_db(str(STATE / unit_id / "session.sqlite"), mode=WorkDB.Mode.open) as db:
+        with db._session_maker.begin() as session:  # cosmic-ray has no call to drop some results
+            return session.query(WorkResultStorage).filter(WorkResultStorage.test_outcome == TestOutcome.SURVIVED).delete()
+
+
 def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: int | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -337,14 +348,17 @@ def read_scores() -> dict[str, dict]:
 @click.option("--restart", is_flag=True, help="forget the stored session and start over")
 @click.option("--report", "report_only", is_flag=True, help="only rebuild the table from the stored sessions")
 @click.option("--limit", type=int, default=None, help="grade at most this many pending mutants now (resume later)")
+@click.option("--recheck", is_flag=True, help="grade the survivors again (after sharpening the hidden tests)")
 @click.pass_context
-def main(ctx, units, jobs, restart, report_only, limit):
+def main(ctx, units, jobs, restart, report_only, limit, recheck):
     """Mutation testing of the solution regions; writes tests/mutants/SCORES.md."""
     if ctx.invoked_subcommand is not None:
         return
     course = load_course()
     if not report_only:
         for unit_id in units or [u.id for u in course.units]:
+            if recheck and (STATE / unit_id / "session.sqlite").exists():
+                print(f"{unit_id}: {forget_survivors(unit_id)} survivor(s) to grade again")
             run_session(course, unit_id, jobs, restart, limit)
     survivors = write_scores(course)
     print(SCORES.read_text())

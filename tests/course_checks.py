@@ -58,12 +58,12 @@ def copy_solutions(tmp: Path) -> Path:
     return target
 
 
-def failing_tests(course: Course, root: Path, unit_id: str, *, visible: bool = True) -> list:
+def failing_tests(course: Course, root: Path, unit_id: str, *, visible: bool = True, hidden: bool = True) -> list:
     """Grade one unit, stopping at the first failure; returns the failed tests.
 
     In-process: the verdicts are the same as isolated grading (the same tests on the same code),
     and these runs are many; isolation itself is tested in test_isolation and test_adversarial."""
-    report = grade(course, root, [unit_id], visible=visible, isolation="inprocess", extra_args=["-x"])
+    report = grade(course, root, [unit_id], visible=visible, hidden=hidden, isolation="inprocess", extra_args=["-x"])
     unit = report.units[0]
     assert unit.error is None, unit.error
     return [t for t in unit.tests if t.status not in ("passed", NOT_GRADED, "not_run")]

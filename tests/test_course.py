@@ -58,10 +58,30 @@ def test_in_process_checks_grade_the_copy_not_the_exercises(course, tmp_path):
 
 @pytest.mark.parametrize("unit_id, mutant", load_mutants(COURSE), ids=[f"{u}-{m['name']}" for u, m in load_mutants(COURSE)])
 def test_hidden_suite_catches_mutant(course, tmp_path, unit_id, mutant):
+    """Caught; and where the mutant names its ``hint``, the (summarised) hidden failure says it."""
     root = copy_solutions(tmp_path)
     apply_mutant(root, course.unit(unit_id).dir, mutant)
     failed = failing_tests(course, root, unit_id, visible=False)
     assert failed, f"mutant {mutant['name']!r} survived the hidden suite of {unit_id}: {mutant['description']}"
+    if "hint" in mutant:
+        assert any(mutant["hint"] in t.output for t in failed), (
+            f"mutant {mutant['name']!r} is caught, but the hint {mutant['hint']!r} is not in what the learner sees:\n"
+            + failed[0].output)
+
+
+VISIBLE = [(u, m) for u, m in load_mutants(COURSE) if "visible_hint" in m]
+
+
+@pytest.mark.parametrize("unit_id, mutant", VISIBLE, ids=[f"{u}-{m['name']}" for u, m in VISIBLE])
+def test_visible_tests_name_the_mistake(course, tmp_path, unit_id, mutant):
+    """A mistake the handout promises the visible tests catch: ``pytest exercises/unitN`` fails on it,
+    with the hint the handout names (``visible_hint``)."""
+    root = copy_solutions(tmp_path)
+    apply_mutant(root, course.unit(unit_id).dir, mutant)
+    failed = failing_tests(course, root, unit_id, hidden=False)
+    assert failed, f"mutant {mutant['name']!r} passes the visible tests of {unit_id}: {mutant['description']}"
+    assert any(mutant["visible_hint"] in t.output for t in failed), (
+        f"the visible tests catch {mutant['name']!r} without the hint {mutant['visible_hint']!r}:\n" + failed[0].output)
 
 
 @pytest.mark.parametrize("unit_id", [u.id for u in COURSE.units])
