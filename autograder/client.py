@@ -384,6 +384,7 @@ class WorkerBackend(Backend):
         self.spawn = spawn  # () -> autograder.sandbox.Worker
         self.call_timeout = call_timeout
         self.worker = None
+        self.standby = None  # a fresh worker started ahead of the next restart()
         self.restarts = 0
         # Imports that killed or hung the worker: a module that does so at import will do so again,
         # so later tests fail at once with the same reason instead of restarting the worker each time.
@@ -413,6 +414,7 @@ class WorkerBackend(Backend):
                 self.pending_release = []
                 self.restarts += 1
             self.worker = self.spawn()
+        if not self.worker.ready:
             try:
                 self.worker.wait_ready(STARTUP_TIMEOUT)
             except (EOFError, OSError):
@@ -475,6 +477,9 @@ class WorkerBackend(Backend):
                 self.worker = None
                 self.generation += 1
                 self.pending_release = []
+            # The fresh worker was already started at the last restart (a standby, idle since its
+            # start-up, so still fresh), and the next one starts now, while the test goes on.
+            self.worker, self.standby = self.standby or self.spawn(), self.spawn()
 
     def input_dir(self) -> tuple[Path, str]:
         return self.spawn.inputs, self.spawn.inputs_path()
@@ -525,9 +530,10 @@ class WorkerBackend(Backend):
         return self.worker.output() if self.worker else ""
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.kill()
-            self.worker = None
+        for worker in (self.worker, self.standby):
+            if worker is not None:
+                worker.kill()
+        self.worker = self.standby = None
 
 
 class InputStream:

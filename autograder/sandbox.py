@@ -472,6 +472,7 @@ class Worker:
         for fd in (req_r, rep_w, out_w):
             os.close(fd)
         self.meter = Meter(self)
+        self.ready = False
         self.ready_memory = 0
         self.peak_at_end = 0
         self.memory_hit = False
@@ -600,6 +601,7 @@ class Worker:
         except TimeoutError:
             self.reason = self.reason or f"it did not start within {timeout:g} s (is the machine overloaded?)"
             raise EOFError from None
+        self.ready = True
         try:
             self.ready_memory = self.meter.now().memory
             self.meter.peak(reset=True)
@@ -804,10 +806,10 @@ class Spawner:
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "USER": "learner", "LOGNAME": "learner",
                "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
                "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-               # glibc serves blocks of 1 MiB and more by mmap and gives them back when freed (it
+               # glibc serves blocks of 128 KiB and more by mmap and gives them back when freed (it
                # raises this threshold up to 32 MiB by itself otherwise): memory measured from
                # outside then shows what the learner's objects hold, not what the allocator kept.
-               "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+               "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
         for key in ("CUDA_VISIBLE_DEVICES", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "LD_LIBRARY_PATH"):
             if key in os.environ:
                 env[key] = os.environ[key]

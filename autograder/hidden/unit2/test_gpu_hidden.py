@@ -71,6 +71,9 @@ def _peak(learner, fn, args, backward=False):
 @pytest.mark.gpu
 @pytest.mark.group("attention_gpu")
 def test_gpu_blockwise_peak_memory(learner, torch_gen):
+    """Peak CUDA memory of blockwise_attention at 8k and 16k tokens, read inside the learner's
+    process by harness.cuda_peak_memory (torch.cuda.max_memory_allocated): an in-process figure,
+    as the grader has no outside measurement of GPU memory yet."""
     blockwise = learner.module("blockwise")
     b, h, d = 1, 8, 64
     # Measured against the size of the score matrix, not against the learner's own materialised
@@ -96,6 +99,7 @@ def test_gpu_blockwise_peak_memory(learner, torch_gen):
 @pytest.mark.gpu
 @pytest.mark.group("attention_gpu")
 def test_gpu_recomputation_backward_memory(learner, torch_gen):
+    """Peak CUDA memory of forward + backward at 8k tokens: an in-process figure, as above."""
     blockwise = learner.module("blockwise")
     q, k, v = _qkv(torch_gen, (1, 8, 8192, 64), torch.bfloat16)
     peak = _peak(learner, blockwise.memory_efficient_attention, [q, k, v, True, 128], True)
@@ -111,7 +115,10 @@ def test_gpu_recomputation_backward_memory(learner, torch_gen):
 @pytest.mark.group("attention_gpu")
 def test_gpu_throughput_against_math_backend(learner, seed):
     """Many small heads (b*h = 1024, 512 tokens): a batched implementation is a handful of large
-    kernels, like the MATH backend; a Python loop over heads launches thousands of tiny ones."""
+    kernels, like the MATH backend; a Python loop over heads launches thousands of tiny ones.
+    Both are timed here (wall clock around a call that synchronizes); the inputs are made in the
+    learner's process from seeds chosen here and each output row is checked against a reference
+    computed here, but the MATH baseline itself runs in the learner's process (in-process)."""
     attention = learner.module("attention")
     b, h, s, d = 64, 16, 512, 64
     flops = 4 * b * h * s * s * d / 2  # causal: half the scores are needed
