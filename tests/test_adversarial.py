@@ -3,7 +3,10 @@ points it did not earn, the rest of the submission still graded, and nothing out
 folder changed.
 
 Most attacks sit in Unit 1's autograd.py on top of the untouched stub (so every Part A point would
-be unearned), next to an honest fused.py whose points must all still be awarded.
+be unearned), next to an honest fused.py whose points must all still be awarded.  The end of this
+file tests the sandbox's own promises (caps, host files, symlinks, residue, reports).  The attacks on
+the trust boundary, unit by unit (a patched course module, reference or harness helper, CPU burners
+during a timed test), are in tests/test_adversarial_unitN.py.
 """
 
 from __future__ import annotations
