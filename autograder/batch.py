@@ -1,8 +1,10 @@
 """Grading a whole class: a folder of submissions, in parallel, resumable, into a gradebook.
 
 Each submission (a zip from `course submit` or a folder laid out like exercises/; the learner id is
-its name without the suffix) is graded by ``runner.grade``, so learner code only ever runs in the
-sandboxed worker and a crash or a hostile submission costs only its own tests.  Each finished
+its name without the suffix) is taken in here and packed as bytes (``pack``), then graded by one task,
+``grade_packed``, in the same sandbox as `course grade`, so learner code only ever runs in a sandboxed
+worker and a crash or a hostile submission costs only its own tests.  Tasks run on a local thread
+pool, or on a Dask cluster (``cluster_executor``): the per-learner task is the same.  Each finished
 learner's JSON report is written atomically to the state folder; a rerun skips learners whose
 report is there, so an interrupted batch resumes where it stopped.  A submission that cannot be
 graded at all (an unsafe zip) is stored with its reason and 0 points; an unexpected failure of the
@@ -15,17 +17,20 @@ reports: the "not graded" GPU tests are replaced and the units rescored with ``s
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import tempfile
+import zipfile
+from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from autograder.manifest import Course
-from autograder.runner import grade
+from autograder.manifest import Course, load_course
+from autograder.runner import grade_intake
 from autograder.scoring import NOT_GRADED, Report, score_unit, unit_from_json
-from autograder.submission import SubmissionError
+from autograder.submission import Intake, SubmissionError, take_in
 
 GPU_ARGS = ["-m", "gpu", "--gpu", "require"]
 
@@ -93,22 +98,67 @@ def merge_gpu(course: Course, stored: dict, gpu: dict) -> dict:
     return rescored
 
 
-def _grade_one(course: Course, learner: str, path: Path, units: list[str] | None, extra_args: list[str],
-               isolation: str, state_dir: Path, only_gpu: bool) -> Outcome:
+NOTES = "intake-notes.json"
+
+
+def pack(course: Course, path: Path, units: list[str] | None) -> bytes:
+    """Take a submission in here, where it lies (every intake check: unsafe zips, symbolic links,
+    sizes, syntax, forbidden names), and pack what the grader reads, with the intake's notes, as
+    bytes: what reaches a grading node, never a path on a filesystem the learner could write to."""
+    chosen = [course.unit(u) for u in units] if units else list(course.units)
+    intake = take_in(path, course, chosen)
+    try:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in sorted(intake.root.rglob("*")):
+                if file.is_file():
+                    archive.write(file, file.relative_to(intake.root).as_posix())
+            archive.writestr(NOTES, json.dumps(intake.notes))
+        return buffer.getvalue()
+    finally:
+        intake.cleanup()
+
+
+def grade_packed(payload: bytes, course_data: dict, units: list[str] | None, extra_args: list[str],
+                 isolation: str) -> dict:
+    """Grade one packed submission on this machine (a node of the cluster, or the local pool), in
+    the same sandbox as `course grade`; the report comes back as data.  The one per-learner task."""
+    local = load_course()
+    if local.version != course_data["version"]:
+        raise RuntimeError(f"this grading node has course version {local.version}, the batch {course_data['version']}: "
+                           "install the same course everywhere")
+    course = Course.model_validate(course_data)
+    chosen = [course.unit(u) for u in units] if units else list(course.units)
+    learner_files = {f"{u.dir}/{name}" for u in chosen for name in u.files}
+    with tempfile.TemporaryDirectory(prefix="course-packed-") as tmp:
+        root = Path(tmp) / "submission"
+        for unit in chosen:
+            (root / unit.dir).mkdir(parents=True)
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            notes = json.loads(archive.read(NOTES))
+            for name in archive.namelist():
+                if name in learner_files:  # the packer wrote only these; anything else is not ours
+                    (root / name).write_bytes(archive.read(name))
+        report = grade_intake(course, Intake(root=root, notes=notes), chosen, isolation=isolation, extra_args=extra_args)
+    return report.to_json()
+
+
+def _already_done(state_dir: Path, learner: str, only_gpu: bool) -> tuple[dict | None, Outcome | None]:
+    """(the stored report, an outcome if nothing is left to do for this learner)."""
     stored = load_state(state_dir, learner)
     if only_gpu:
         if stored is None:
-            return Outcome(learner, None, "no CPU report to merge into: grade the batch without --only gpu first")
+            return None, Outcome(learner, None, "no CPU report to merge into: grade the batch without --only gpu first")
         if stored.get("gpu_pass") or stored.get("refused"):
-            return Outcome(learner, stored, skipped=True)
+            return stored, Outcome(learner, stored, skipped=True)
     elif stored is not None:
-        return Outcome(learner, stored, skipped=True)
-    if path.is_dir() and (path / "exercises").is_dir():
-        path = path / "exercises"  # a clone of the learner's repository (GitHub Classroom)
+        return stored, Outcome(learner, stored, skipped=True)
+    return stored, None
+
+
+def _finish(course: Course, state_dir: Path, learner: str, stored: dict | None, future, only_gpu: bool) -> Outcome:
     try:
-        report = grade(course, path, units, isolation=isolation, extra_args=extra_args).to_json()
-    except SubmissionError as exc:
-        report = _refused(course, units or [], f"could not grade this submission: {exc}")
+        report = future.result()
     except Exception as exc:  # noqa: BLE001  (the batch goes on; the next run retries this learner)
         return Outcome(learner, None, f"the grader failed: {type(exc).__name__}: {exc}")
     if any(u.get("error") for u in report["units"]):
@@ -121,22 +171,64 @@ def _grade_one(course: Course, learner: str, path: Path, units: list[str] | None
 
 
 def grade_all(course: Course, folder: Path, state_dir: Path, *, units: list[str] | None = None, jobs: int = 2,
-              only_gpu: bool = False, isolation: str = "auto",
+              only_gpu: bool = False, isolation: str = "auto", executor: Executor | None = None,
               on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Grade every submission in ``folder`` (``jobs`` at once); returns outcomes sorted by learner."""
+    """Grade every submission in ``folder``; returns outcomes sorted by learner.
+
+    Each learner still to grade becomes one ``grade_packed`` task on ``executor``: a local thread
+    pool of ``jobs`` (the default), or a cluster's (``cluster_executor``).  Submissions are packed
+    here and reports stored here as tasks finish, so an interrupted run resumes, and a task that is
+    retried elsewhere (a node that died) still gives one row."""
     submissions = find_submissions(folder)
     state_dir.mkdir(parents=True, exist_ok=True)
     extra = GPU_ARGS if only_gpu else []
-    outcomes = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(_grade_one, course, learner, path, units, extra, isolation, state_dir, only_gpu)
-                   for learner, path in submissions.items()]
-        for future in as_completed(futures):
-            outcome = future.result()
-            outcomes.append(outcome)
-            if on_done:
-                on_done(outcome)
+    outcomes: list[Outcome] = []
+
+    def record(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        if on_done:
+            on_done(outcome)
+
+    own_pool = executor is None
+    pool = executor or ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        pending = {}
+        for learner, path in submissions.items():
+            stored, done = _already_done(state_dir, learner, only_gpu)
+            if done is not None:
+                record(done)
+                continue
+            if path.is_dir() and (path / "exercises").is_dir():
+                path = path / "exercises"  # a clone of the learner's repository (GitHub Classroom)
+            try:
+                payload = pack(course, path, units)
+            except SubmissionError as exc:
+                report = _refused(course, units or [], f"could not grade this submission: {exc}")
+                save_state(state_dir, learner, report)
+                record(Outcome(learner, report))
+                continue
+            future = pool.submit(grade_packed, payload, course.model_dump(mode="json"), units, extra, isolation)
+            pending[future] = (learner, stored)
+        for future in as_completed(pending):
+            learner, stored = pending[future]
+            record(_finish(course, state_dir, learner, stored, future, only_gpu))
+    finally:
+        if own_pool:
+            pool.shutdown()
     return sorted(outcomes, key=lambda o: o.learner)
+
+
+def cluster_executor(address: str, gpu: bool = False):
+    """(an Executor whose tasks run on the Dask cluster at ``address``, its dashboard address or None).
+
+    GPU tasks ask for the resource ``GPU``: they go only to nodes started with ``--resources GPU=1``;
+    CPU tasks run anywhere.  ``pure=False``: two learners with the same files are still two tasks."""
+    from distributed import Client
+
+    client = Client(address, timeout="30s")
+    kwargs = {"resources": {"GPU": 1}} if gpu else {}
+    dashboard = client.dashboard_link if client.scheduler_info().get("services", {}).get("dashboard") else None
+    return client.get_executor(pure=False, **kwargs), dashboard, client
 
 
 def write_gradebook(course: Course, outcomes: list[Outcome], path: Path, units: list[str] | None = None) -> None:

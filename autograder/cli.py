@@ -215,20 +215,30 @@ def release(out):
 @click.option("--only", type=click.Choice(["gpu"]), default=None,
               help="gpu: grade only the GPU-marked tests (a CUDA GPU is required) and merge them into the gradebook")
 @click.option("--isolation", default="auto", type=click.Choice(["auto", "bwrap", "user", "none"]))
-def grade_all(submissions, csv_path, jobs, feedback, units, only, isolation):
+@click.option("--cluster", metavar="ADDRESS", default=None,
+              help="grade on the Dask cluster whose scheduler is at ADDRESS (tcp://host:8786) instead of --jobs here")
+def grade_all(submissions, csv_path, jobs, feedback, units, only, isolation, cluster):
     """Grade every submission in SUBMISSIONS (zips from `course submit` or folders like exercises/,
     one per learner, named after the learner) into a gradebook CSV and feedback files."""
     _instructor_only("grade-all")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from autograder.batch import find_submissions, grade_all as run_batch, write_gradebook
+    from autograder.batch import cluster_executor, find_submissions, grade_all as run_batch, write_gradebook
     from autograder.reporters import feedback_markdown
     from autograder.submission import SubmissionError
 
     course = _course()
     for unit in units:
         _unit_or_fail(course, unit)
-    if only == "gpu":
+    executor = client = None
+    if cluster:
+        try:
+            executor, dashboard, client = cluster_executor(cluster, gpu=only == "gpu")
+        except (OSError, TimeoutError, ImportError) as exc:
+            raise click.ClickException(f"--cluster {cluster}: {exc}") from None
+        workers = client.scheduler_info().get("workers", {})
+        console.print(f"cluster {cluster}: {len(workers)} node(s)" + (f"; dashboard {dashboard}" if dashboard else ""))
+    elif only == "gpu":
         import torch
 
         if not torch.cuda.is_available():
@@ -248,8 +258,12 @@ def grade_all(submissions, csv_path, jobs, feedback, units, only, isolation):
             progress.console.print(f"{outcome.learner}: {word}")
             progress.advance(task)
 
-        outcomes = run_batch(course, submissions, state, units=list(units) or None, jobs=jobs,
-                             only_gpu=only == "gpu", isolation=isolation, on_done=done)
+        try:
+            outcomes = run_batch(course, submissions, state, units=list(units) or None, jobs=jobs,
+                                 only_gpu=only == "gpu", isolation=isolation, executor=executor, on_done=done)
+        finally:
+            if client is not None:
+                client.close()
     write_gradebook(course, outcomes, csv_path, list(units) or None)
     if feedback:
         feedback.mkdir(parents=True, exist_ok=True)

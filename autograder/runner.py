@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from autograder.manifest import REPO_ROOT, Course, Unit
-from autograder.sandbox import cleanup_work_dir, probe_level
+from autograder.sandbox import cleanup_work_dir, dies_with_parent, probe_level
 from autograder.scoring import NOT_GRADED, Report, TestResult, UnitResult, clean_text, score_unit
-from autograder.submission import take_in
+from autograder.submission import Intake, take_in
 
 HIDDEN_ROOT = REPO_ROOT / "autograder" / "hidden"
 NOT_GRADED_GPU = "not graded: needs a CUDA GPU"
@@ -79,8 +79,8 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
         # One thread for HF tokenizers' trainer: a baseline's CPU time means the same on any machine.
         env.update(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", COURSE_GRADING_SEED=seed, PYTHONDONTWRITEBYTECODE="1",
                    TOKENIZERS_PARALLELISM="false")
-        process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(dies_with_parent(args), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
             console, _ = process.communicate(timeout=limits.unit_timeout)
             timed_out = False
@@ -136,27 +136,36 @@ def grade(course: Course, submission: Path | str, unit_ids: list[str] | None = N
           hidden: bool = True, visible: bool = True, jobs: int = 1, on_unit: Callable[[UnitResult], None] | None = None,
           extra_args: list[str] | None = None) -> Report:
     """Grade ``submission`` (a folder like exercises/ or a zip from `course submit`)."""
-    started = time.monotonic()
     units = [course.unit(u) for u in unit_ids] if unit_ids else list(course.units)
+    intake = take_in(submission, course, units)
+    try:
+        return grade_intake(course, intake, units, isolation=isolation, hidden=hidden, visible=visible, jobs=jobs,
+                            on_unit=on_unit, extra_args=extra_args)
+    finally:
+        intake.cleanup()
+
+
+def grade_intake(course: Course, intake: Intake, units: list[Unit], *, isolation: str = "auto", hidden: bool = True,
+                 visible: bool = True, jobs: int = 1, on_unit: Callable[[UnitResult], None] | None = None,
+                 extra_args: list[str] | None = None) -> Report:
+    """Grade a submission already taken in (its grading folder and the intake's notes)."""
+    started = time.monotonic()
     if isolation == "inprocess":  # benchmarks only: no worker, learner code in the pytest process
         level, weaker_because = "inprocess", "learner code ran inside the grading process (benchmark mode)"
     else:
         level, weaker_because = probe_level(isolation)
     seed = secrets.token_hex(16)
-    intake = take_in(submission, course, units)
-    try:
-        def one(unit: Unit) -> UnitResult:
-            result = run_unit(course, unit, intake.root, isolation=level, seed=seed, hidden=hidden, visible=visible,
-                              extra_args=extra_args)
-            result.notes = [clean_text(n) for n in intake.notes.get(unit.id, []) + result.notes]
-            if on_unit:
-                on_unit(result)
-            return result
 
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            results = list(pool.map(one, units))
-    finally:
-        intake.cleanup()
+    def one(unit: Unit) -> UnitResult:
+        result = run_unit(course, unit, intake.root, isolation=level, seed=seed, hidden=hidden, visible=visible,
+                          extra_args=extra_args)
+        result.notes = [clean_text(n) for n in intake.notes.get(unit.id, []) + result.notes]
+        if on_unit:
+            on_unit(result)
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(one, units))
     note = weaker_because
     if level in ("none", "inprocess"):
         note = f"WARNING: learner code ran without a sandbox ({weaker_because})"

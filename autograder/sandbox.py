@@ -80,6 +80,13 @@ except OSError as exc:
 """
 
 
+def dies_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run through the launcher: killed with the process (thread) that starts it, so a grading
+    run never outlives the grader that waits for it."""
+    launch = {"cgroup_procs": [], "uid": None, "parent": os.getpid()}
+    return [sys.executable, "-S", "-E", "-c", LAUNCHER, json.dumps(launch), shutil.which(argv[0]) or argv[0], *argv[1:]]
+
+
 def _python_prefixes() -> list[str]:
     prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     return sorted(p for p in prefixes if p and not p.startswith("/usr"))

@@ -94,17 +94,19 @@ def test_grade_all_one_unit_end_to_end(tmp_path):
 def test_a_grader_failure_is_recorded_and_retried(tmp_path, monkeypatch):
     subs = tmp_path / "subs"
     for learner in ("ann", "bob"):
-        (subs / learner).mkdir(parents=True)
+        (subs / learner / "unit1").mkdir(parents=True)
+        (subs / learner / "unit1" / "autograd.py").write_text(f"# {learner}\n")
     calls = []
 
-    def fake_grade(course, path, units, **kwargs):
-        calls.append(path.name)
-        if path.name == "bob":
+    def fake_grade(course, intake, units, **kwargs):
+        learner = (intake.root / "unit1" / "autograd.py").read_text()[2:].strip()  # the packed file says whose
+        calls.append(learner)
+        if learner == "bob":
             raise RuntimeError("out of disk")
         unit = UnitResult("unit1", "t", tests=[Result("t.py::a", "value_ops", "visible", "passed")])
         return Report(course.course, course.version, [score_unit(course, UNIT1, unit)])
 
-    monkeypatch.setattr(batch, "grade", fake_grade)
+    monkeypatch.setattr(batch, "grade_intake", fake_grade)
     state = tmp_path / "state"
     outcomes = {o.learner: o for o in batch.grade_all(COURSE, subs, state, units=["unit1"], jobs=2)}
     assert outcomes["ann"].report["score"] == 15 and not outcomes["ann"].error
@@ -136,22 +138,23 @@ def test_gpu_pass_merges_into_stored_reports(tmp_path, monkeypatch):
     assert merged["gpu_pass"]
 
     # Through grade_all: GPU-only grading, merged and stored; a second GPU pass skips the learner.
-    (tmp_path / "subs" / "ann").mkdir(parents=True)
-    (tmp_path / "subs" / "cid").mkdir()
+    for learner in ("ann", "cid"):
+        (tmp_path / "subs" / learner / "unit1").mkdir(parents=True)
+        (tmp_path / "subs" / learner / "unit1" / "autograd.py").write_text(f"# {learner}\n")
     state = tmp_path / "state"
     state.mkdir()
     (state / "ann.json").write_text(json.dumps(stored))
     seen = []
 
-    def fake_grade(course, path, units, extra_args=None, **kwargs):
-        seen.append((path.name, extra_args))
+    def fake_grade(course, intake, units, extra_args=None, **kwargs):
+        seen.append(((intake.root / "unit1" / "autograd.py").read_text()[2:].strip(), extra_args))
         units_ = [UnitResult(u["id"], u["title"]) for u in gpu["units"]]
         for unit, data in zip(units_, gpu["units"]):
             unit.tests = [Result(t["name"], t["group"], t["visibility"], t["status"], t["output"]) for t in data["tests"]]
             score_unit(course, UNIT1, unit)
         return Report(course.course, course.version, units_)
 
-    monkeypatch.setattr(batch, "grade", fake_grade)
+    monkeypatch.setattr(batch, "grade_intake", fake_grade)
     outcomes = {o.learner: o for o in batch.grade_all(COURSE, tmp_path / "subs", state, jobs=1, only_gpu=True)}
     assert seen == [("ann", batch.GPU_ARGS)]  # cid has no CPU report to merge into: not graded
     assert "grade the batch without --only gpu first" in outcomes["cid"].error
