@@ -2,8 +2,10 @@
 
 * Gradescope: a zip with ``setup.sh`` and ``run_autograder`` at its root (from templates/gradescope/)
   and the course: the engine with its hidden suites, the generated exercises/ (visible tests and the
-  course's files of each unit), course.yml, pyproject.toml and a requirements.txt of the
-  dependencies.  No solutions, course tests, mutants or benchmarks.  ``run_autograder`` calls
+  course's files of each unit), the reference solutions of the learner files (hidden tests compute
+  their expected values from them on the trusted side; ``run_autograder`` closes the whole tree to
+  the learner's user), course.yml, pyproject.toml and a requirements.txt of the dependencies.  No
+  solution tests, course tests, mutants or benchmarks.  ``run_autograder`` calls
   ``course gradescope-run`` (``gradescope_run`` below), which grades in isolation and writes
   results.json with course.yml's visibility for hidden tests.
 * GitHub Classroom: a workflow for the student release with one command-grader step per unit
@@ -57,6 +59,11 @@ def gradescope_files(course: Course, torch_index: str | None = None, root: Path 
         rel = path.relative_to(root)
         if path.is_file() and not SKIPPED_NAMES & set(rel.parts):
             files[rel.as_posix()] = path.read_bytes()
+    for unit in course.units:
+        for name in ("__init__.py", *unit.files):
+            reference = root / "solutions" / unit.dir / name
+            if reference.is_file():
+                files[reference.relative_to(root).as_posix()] = reference.read_bytes()
     for name in ("course.yml", "pyproject.toml"):
         files[name] = (root / name).read_bytes()
     files["requirements.txt"] = requirements(root).encode()

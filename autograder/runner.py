@@ -78,7 +78,10 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COURSE_"))}
         # One thread for HF tokenizers' trainer: a baseline's CPU time means the same on any machine.
         env.update(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", COURSE_GRADING_SEED=seed, PYTHONDONTWRITEBYTECODE="1",
-                   TOKENIZERS_PARALLELISM="false")
+                   TOKENIZERS_PARALLELISM="false",
+                   # Hypothesis keeps its examples and caches in a folder of this run alone, removed with it:
+                   # one submission's failing examples never steer another's grade.
+                   HYPOTHESIS_STORAGE_DIRECTORY=str(Path(private) / "hypothesis"))
         process = subprocess.Popen(dies_with_parent(args), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -90,7 +90,11 @@ def test_gradescope_autograder_on_a_simulated_tree(tmp_path):
     assert modes["setup.sh"] == modes["run_autograder"] == 0o755
     assert {"course.yml", "requirements.txt", "autograder/runner.py", "exercises/unit1/test_autograd.py"} <= names
     assert any(n.startswith("autograder/hidden/unit1/") for n in names)
-    assert not [n for n in names if n.startswith(("solutions/", "tests/", "benchmarks/"))]
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+    # The references the hidden tests compute with, and nothing else of solutions/ (no solution tests).
+    references = {n for n in names if n.startswith("solutions/")}
+    assert references == {f"solutions/{u.dir}/{f}" for u in COURSE.units for f in ("__init__.py", *u.files)
+                          if (REPO_ROOT / "solutions" / u.dir / f).is_file()}, references
     assert f'"{torch_spec()}"' in setup and "bubblewrap" in setup
 
     root = tmp_path / "autograder"
