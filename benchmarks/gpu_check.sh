@@ -36,7 +36,7 @@ cp "$OUT/batch/gradebook.csv" "$OUT/gradebook-cpu.csv"
 $PY -m autograder grade-all "$OUT/batch/subs" --csv "$OUT/batch/gradebook.csv" --unit unit1 --jobs 2 --only gpu || status=1
 cp "$OUT/batch/gradebook.csv" "$OUT/gradebook-gpu.csv"
 cat "$OUT/gradebook-cpu.csv" "$OUT/gradebook-gpu.csv"
-for unit in ${BENCH_UNITS-unit2 unit4 unit5}; do
+for unit in ${BENCH_UNITS-unit2 unit4 unit5 unit7 unit8}; do
   echo "=== benchmarks.$unit"
   timeout "${BENCH_TIMEOUT:-120}" $PY -m benchmarks.$unit 2>&1 | tee "$OUT/bench-$unit.txt" || status=1
 done

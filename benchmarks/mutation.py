@@ -337,7 +337,7 @@ def read_scores() -> dict[str, dict]:
     if SCORES.exists():
         for line in SCORES.read_text(encoding="utf-8").splitlines():
             cells = [c.strip() for c in line.strip("|").split("|")]
-            if len(cells) == 8 and cells[0].startswith("unit"):
+            if len(cells) == 8 and re.fullmatch(r"unit\d+", cells[0]):  # not the header row
                 rows[cells[0]] = {"hash": cells[7], "score": cells[5], "line": line}
     return rows
 

@@ -116,8 +116,11 @@ import autograder.worker.harness as _harness
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
-    xc = x - x.mean(dim=-1, keepdim=True)
-    return xc * torch.rsqrt((xc * xc).mean(dim=-1, keepdim=True) + eps) * weight + bias
+    compute = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16, as the handout asks
+    xf = x.to(compute)
+    xc = xf - xf.mean(dim=-1, keepdim=True)
+    y = xc * torch.rsqrt((xc * xc).mean(dim=-1, keepdim=True) + eps) * weight.to(compute) + bias.to(compute)
+    return y.to(x.dtype)
 
 
 def _lying_forward(fn, args, grad_mask):
@@ -131,7 +134,7 @@ _harness.autograd_forward.__code__ = _lying_forward.__code__
 """
 
 # The same, and the measurement's tools on the learner's side undone as well: the allocator keeps
-# freed memory on its heap (mallopt does nothing) and the probe buffers are not allocated.
+# freed memory on its heap (mallopt does nothing) and large buffers of ones are not allocated.
 PLAIN_AUTOGRAD_LYING_AND_NO_PROBES = PLAIN_AUTOGRAD_LYING + """
 import ctypes
 import torch as _torch
@@ -148,8 +151,8 @@ def _no_big_buffers(*size, **kw):
 _torch.ones = _no_big_buffers
 """
 
-# The same, holding 7 MiB while the baseline is taken (as much as the grader forgives beyond what
-# torch itself holds there) and letting it go at the first large forward, to hide it in the figure.
+# The same, holding 7 MiB from import on and letting it go at the first large forward, to hide
+# it in that forward's figure.
 PLAIN_AUTOGRAD_LYING_AND_HIDING = PLAIN_AUTOGRAD_LYING + """
 _held = [b"\\x01" * (7 << 20)]
 _plain = layer_norm
@@ -159,6 +162,60 @@ def layer_norm(x, weight, bias, eps=1e-5):
     if x.numel() > 1 << 16:
         _held.clear()
     return _plain(x, weight, bias, eps)
+"""
+
+# The same with ballast enough for every forward: 48 MiB held from import on, 12 MiB of it let go
+# in each large forward (what plain autograd keeps beyond the limit, and more).
+PLAIN_AUTOGRAD_LYING_AND_BALLAST = PLAIN_AUTOGRAD_LYING + """
+_ballast = [bytearray(b"\\x01" * (12 << 20)) for _ in range(4)]
+_plain = layer_norm
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    if x.numel() > 1 << 16 and _ballast:
+        _ballast.pop()
+    return _plain(x, weight, bias, eps)
+"""
+
+# The same, and the caller's input freed (its storage resized to nothing) once the forward is
+# done: plain autograd does not need x itself for backward, so the forward's figure drops by the
+# one full-size tensor it keeps too many.
+PLAIN_AUTOGRAD_LYING_AND_FREEING_THE_INPUT = PLAIN_AUTOGRAD_LYING + """
+_plain = layer_norm
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    y = _plain(x, weight, bias, eps)
+    if x.numel() > 1 << 16:
+        x.untyped_storage().resize_(0)
+    return y
+"""
+
+# The same, with what autograd saves moved out of the heap into files in the private /tmp (tmpfs
+# or disk pages, not anonymous memory) by saved_tensors_hooks, and read back for backward.
+PLAIN_AUTOGRAD_LYING_AND_OFFLOADING = PLAIN_AUTOGRAD_LYING + """
+import os as _os
+import tempfile as _tempfile
+
+_plain = layer_norm
+_folder = _tempfile.mkdtemp()
+
+
+def _pack(tensor):
+    if tensor.numel() <= 1 << 16:
+        return tensor
+    path = _os.path.join(_folder, f"{id(tensor)}-{len(_os.listdir(_folder))}.pt")
+    torch.save(tensor.detach().clone(), path)
+    return path
+
+
+def _unpack(packed):
+    return torch.load(packed) if isinstance(packed, str) else packed
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+        return _plain(x, weight, bias, eps)
 """
 
 
@@ -218,8 +275,10 @@ def test_harness_that_agrees_with_itself_earns_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("attack", [PLAIN_AUTOGRAD_LYING, PLAIN_AUTOGRAD_LYING_AND_NO_PROBES,
-                                    PLAIN_AUTOGRAD_LYING_AND_HIDING],
-                         ids=["faked_count", "faked_count_and_no_probes", "faked_count_and_hidden_memory"])
+                                    PLAIN_AUTOGRAD_LYING_AND_HIDING, PLAIN_AUTOGRAD_LYING_AND_BALLAST,
+                                    PLAIN_AUTOGRAD_LYING_AND_FREEING_THE_INPUT, PLAIN_AUTOGRAD_LYING_AND_OFFLOADING],
+                         ids=["faked_count", "faked_count_and_no_probes", "faked_count_and_hidden_memory",
+                              "faked_count_and_ballast", "faked_count_and_freed_input", "faked_count_and_offloading"])
 def test_faked_saved_count_fails_the_memory_tests(tmp_path, attack):
     """Plain autograd ops are a correct LayerNorm (every value test passes), but keep a full-size
     tensor more a forward than xhat: with the in-process count faked, the memory measured outside

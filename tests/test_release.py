@@ -55,6 +55,8 @@ def public_text() -> str:
     for path in (REPO_ROOT / "autograder").rglob("*.py"):
         if "hidden" not in path.relative_to(REPO_ROOT).parts:
             parts.append(path.read_text(encoding="utf-8"))
+    for path in (REPO_ROOT / "exercises").rglob("*.py"):  # the stubs (a mutant may plant a stub's line)
+        parts.append(path.read_text(encoding="utf-8"))
     return "\n".join(parts)
 
 
@@ -81,7 +83,7 @@ def hidden_test_names() -> set[str]:
 def mutant_secrets() -> tuple[set[str], set[str]]:
     """(mutant names, lines of wrong code they plant that occur nowhere in solutions/ or the engine)."""
     names, planted = set(), set()
-    for path in (REPO_ROOT / "tests" / "mutants").glob("*.yml"):
+    for path in (REPO_ROOT / "tests" / "mutants").glob("unit*.yml"):  # not equivalent.yml: no wrong code
         for mutant in yaml.safe_load(path.read_text()):
             names.add(mutant["name"])
             planted |= {l for e in mutant["edits"] for l in _stripped(e["replace"].splitlines()) if len(l) >= 16}

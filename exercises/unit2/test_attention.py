@@ -9,6 +9,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autograder.checks import assert_close, check
 
+# Shown when NaN appears where a row's keys are all masked (its max is -inf, and -inf - -inf is NaN).
+NAN_MASKED = ("a row whose keys are all masked must give zeros, not NaN: shift it by 0 instead of its max (-inf), "
+              "and divide by 1 where the sum of its weights is 0")
+
 
 def reference_sdpa(q, k, v, mask=None, is_causal=False):
     """torch's attention, pinned to the plain-PyTorch MATH backend (the course's oracle)."""
@@ -23,14 +27,30 @@ def _qkv(seed, lead=(2, 3), n_q=5, n_k=7, d=8, d_v=4):
             torch.randn(*lead, n_k, d_v, generator=g, dtype=torch.float64))
 
 
+def _mistakes(q, k, v, allowed):
+    """What the usual wrong attentions give (for the hints), with ``allowed`` the bool mask."""
+    scores = q @ k.transpose(-2, -1)
+    d = q.shape[-1]
+    return {"divide the scores by sqrt(d) = sqrt(q.shape[-1]) before the softmax":
+                torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v,
+            "mask the scores (-inf) before the softmax; zeroing weights after it leaves rows that do not sum to 1":
+                (torch.softmax(scores / math.sqrt(d), -1) * allowed) @ v}
+
+
+def _shown(m):
+    return "\n    " + "\n    ".join("".join("x" if b else "." for b in row) for row in m.tolist())
+
+
 @pytest.mark.group("sdpa")
 def test_sdpa_matches_torch(learner):
     attention = learner.module("attention")
     q, k, v = _qkv(0)
     unscaled = torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+    over_queries = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-2) @ v
     assert_close(attention.scaled_dot_product_attention(q, k, v), reference_sdpa(q, k, v), rtol=1e-10, atol=1e-12,
-                 call="scaled_dot_product_attention(q[2,3,5,8], k[2,3,7,8], v[2,3,7,4])",
-                 mistakes={"divide the scores by sqrt(d) = sqrt(q.shape[-1]) before the softmax": unscaled})
+                 call="scaled_dot_product_attention(q[2,3,5,8], k[2,3,7,8], v[2,3,7,4]) (float64, _qkv(seed=0))",
+                 mistakes={"divide the scores by sqrt(d) = sqrt(q.shape[-1]) before the softmax": unscaled,
+                           "the softmax runs over the keys (the last dimension), not over the queries": over_queries})
 
 
 @pytest.mark.group("sdpa")
@@ -38,11 +58,14 @@ def test_causal_mask(learner):
     attention = learner.module("attention")
     got = attention.causal_mask(3, 4)
     want = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
-    check(isinstance(got, torch.Tensor) and got.dtype == torch.bool and torch.equal(got, want),
-          f"causal_mask(3, 4) returned {got!r}; expected {want!r} (True where key j <= query i)")
+    check(isinstance(got, torch.Tensor) and got.dtype == torch.bool and tuple(got.shape) == (3, 4),
+          f"causal_mask(3, 4) must return a bool tensor of shape (3, 4); got {got!r}")
+    check(torch.equal(got, want), f"causal_mask(3, 4) (x = may attend) is{_shown(got)}\n  expected{_shown(want)}\n"
+                                  "Hint: a query sees itself: the diagonal is included (tril(), not tril(-1) or tril(1))")
     q, k, v = _qkv(1, n_q=6, n_k=6)
     assert_close(attention.scaled_dot_product_attention(q, k, v, None, True), reference_sdpa(q, k, v, is_causal=True),
-                 rtol=1e-10, atol=1e-12, call="scaled_dot_product_attention(q, k, v, is_causal=True), 6 tokens")
+                 rtol=1e-10, atol=1e-12, call="scaled_dot_product_attention(q[2,3,6,8], k[2,3,6,8], v, is_causal=True)",
+                 mistakes=_mistakes(q, k, v, torch.ones(6, 6, dtype=torch.bool).tril()))
 
 
 @pytest.mark.group("sdpa")
@@ -51,10 +74,42 @@ def test_fully_masked_row_gives_zeros(learner):
     q, k, v = _qkv(2, lead=(1,), n_q=3, n_k=4)
     mask = torch.tensor([[True, False, True, False], [False, False, False, False], [True, True, True, True]])
     got = attention.scaled_dot_product_attention(q, k, v, mask)
-    check(isinstance(got, torch.Tensor) and not torch.isnan(got).any(),
-          "a query row whose keys are all masked must give zeros, not NaN: shift such a row by 0, not by its max (-inf)")
     assert_close(got, reference_sdpa(q, k, v, mask), rtol=1e-10, atol=1e-12,
-                 call="scaled_dot_product_attention with mask row 1 all False")
+                 call="scaled_dot_product_attention(q[1,3,8], k[1,4,8], v[1,4,4], mask[3,4] with row 1 all False)",
+                 mistakes=_mistakes(q, k, v, mask),
+                 nan_hint=NAN_MASKED)
+
+
+@pytest.mark.group("mha")
+def test_split_and_merge_heads(learner):
+    attention = learner.module("attention")
+    mha = attention.MultiHeadAttention(12, 3)
+    x = torch.arange(2 * 5 * 12, dtype=torch.float32).reshape(2, 5, 12)
+    split = mha.split_heads(x, 3)
+    assert_close(split, x.view(2, 5, 3, 4).transpose(1, 2), rtol=0, atol=0, call="split_heads(x[2,5,12], 3), x = arange",
+                 mistakes={"view as (b, t, heads, head_dim) and then swap t and heads; viewing as (b, heads, t, head_dim) "
+                           "mixes tokens into heads": x.view(2, 3, 5, 4)})
+    try:
+        merged = mha.merge_heads(split)
+    except RuntimeError as error:
+        if "view" not in str(error):
+            raise
+        check(False, f"merge_heads(split_heads(x, 3)) raised: {error}\n"
+                     "Hint: after transpose the tensor is not contiguous: use reshape(b, t, heads * head_dim), not view")
+    assert_close(merged, x, rtol=0, atol=0, call="merge_heads(split_heads(x, 3))",
+                 hint="merge_heads undoes split_heads: transpose(1, 2) then reshape(b, t, heads * head_dim)")
+
+
+def _mha(x, W, b, W_o, b_o, heads, split="right"):
+    """The course's multi-head attention written out here, or with the usual wrong head split."""
+    bsz, t, e = x.shape
+    q, k, v = F.linear(x, W, b).split(e, dim=-1)
+    if split == "right":
+        q, k, v = (y.view(bsz, t, heads, -1).transpose(1, 2) for y in (q, k, v))
+    else:  # viewing [b, t, H*hd] directly as [b, H, t, hd]
+        q, k, v = (y.reshape(bsz, heads, t, -1) for y in (q, k, v))
+    y = reference_sdpa(q, k, v)
+    return F.linear(y.transpose(1, 2).reshape(bsz, t, e), W_o, b_o)
 
 
 @pytest.mark.group("mha")
@@ -62,12 +117,14 @@ def test_mha_matches_torch_multihead_attention(learner):
     attention = learner.module("attention")
     torch.manual_seed(0)
     ref = torch.nn.MultiheadAttention(16, 4, batch_first=True).double()
+    weights = [ref.in_proj_weight.detach(), ref.in_proj_bias.detach(), ref.out_proj.weight.detach(), ref.out_proj.bias.detach()]
     mine = attention.MultiHeadAttention(16, 4).double()
-    mine.load_state_dict({"qkv.weight": ref.in_proj_weight.detach(), "qkv.bias": ref.in_proj_bias.detach(),
-                          "out.weight": ref.out_proj.weight.detach(), "out.bias": ref.out_proj.bias.detach()})
+    mine.load_state_dict(dict(zip(["qkv.weight", "qkv.bias", "out.weight", "out.bias"], weights)))
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     want = ref(x, x, x, need_weights=False)[0].detach()
-    assert_close(mine(x), want, rtol=1e-10, atol=1e-12, call="MultiHeadAttention(16, 4)(x[2,5,16])",
+    assert_close(mine(x), want, rtol=1e-10, atol=1e-12, call="MultiHeadAttention(16, 4)(x[2,5,16]) (torch.manual_seed(0))",
+                 mistakes={"split heads with view(b, t, heads, head_dim).transpose(1, 2); viewing [b, t, heads * head_dim] "
+                           "directly as [b, heads, t, head_dim] mixes tokens into heads": _mha(x, *weights, 4, split="wrong")},
                  hint="q, k, v are the three d_model-wide parts of qkv(x); each splits into heads with "
                       "view(b, t, heads, head_dim).transpose(1, 2)")
 
@@ -87,6 +144,15 @@ def test_grouped_query_attention_shapes(learner):
                            kv.repeat(1, 3, 1, 1)})
 
 
+FLOAT32_ANGLES = "compute the angles in float64: in float32, position * theta is off by ~1e-3 rad at position 8000"
+
+
+def _cos(positions, head_dim, shift=0, dtype=torch.float64):
+    theta = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    angles = (positions + shift).to(dtype)[:, None] * theta
+    return torch.cat([angles, angles], dim=-1).double().cos()
+
+
 @pytest.mark.group("rope")
 def test_rope_formula(learner):
     attention = learner.module("attention")
@@ -95,10 +161,13 @@ def test_rope_formula(learner):
     theta = torch.tensor([1.0, 1e-2], dtype=torch.float64)  # 10000 ** (-2i / 4) for i = 0, 1
     angles = positions.double()[:, None] * theta
     want_cos = torch.cat([angles, angles], dim=-1).cos()
-    shifted = (positions.double() + 1)[:, None] * theta
     assert_close(cos, want_cos, rtol=1e-12, atol=1e-12, call="rope_cos_sin(arange(5), head_dim=4)[0] (cos)",
                  mistakes={"positions start at 0: the first token's angle is 0 (no rotation); do not add 1":
-                           torch.cat([shifted, shifted], dim=-1).cos()})
+                           _cos(positions, 4, shift=1), FLOAT32_ANGLES: _cos(positions, 4, dtype=torch.float32)})
+    far = torch.tensor([0, 1, 4097, 8000, 8191])
+    assert_close(attention.rope_cos_sin(far, 64)[0], _cos(far, 64), rtol=0, atol=1e-9,
+                 call="rope_cos_sin(tensor([0, 1, 4097, 8000, 8191]), head_dim=64)[0] (cos)",
+                 mistakes={FLOAT32_ANGLES: _cos(far, 64, dtype=torch.float32)})
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     got = attention.apply_rope(x, positions)
     assert_close(got[:, :, 0], x[:, :, 0], rtol=1e-12, atol=1e-12, call="apply_rope(x, arange(5)) at position 0",
@@ -106,4 +175,6 @@ def test_rope_formula(learner):
     x1, x2 = x.chunk(2, dim=-1)
     sin_want = torch.cat([angles, angles], dim=-1).sin()
     assert_close(got, x * want_cos + torch.cat([-x2, x1], dim=-1) * sin_want, rtol=1e-10, atol=1e-12,
-                 call="apply_rope(x[1,2,5,4], arange(5))")
+                 call="apply_rope(x[1,2,5,4], arange(5))",
+                 mistakes={"rotate_half([x1, x2]) is [-x2, x1]: the sign is on the second half":
+                           x * want_cos - torch.cat([-x2, x1], dim=-1) * sin_want})

@@ -7,7 +7,7 @@ test compares the CPU time of your call with a baseline that the test runs and t
 import pytest
 import torch
 
-from autograder.checks import check
+from autograder.checks import CheckFailure, check
 from autograder.testing import baseline_cpu_seconds
 
 CFG = dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -47,13 +47,30 @@ def course_models(learner, seed: int, dtype=torch.float64, cfg=CFG, scale=0.3):
 
 
 @torch.no_grad()
-def greedy_full(trusted, idx: torch.Tensor, new: int) -> torch.Tensor:
+def greedy_full(trusted, idx: torch.Tensor, new: int, positions=None, mask=None) -> torch.Tensor:
     """Greedy decoding without a cache, on the test's side: every step re-runs the course model over
-    the whole sequence.  The expected greedy tokens, and the speed baseline."""
+    the whole sequence.  The expected greedy tokens, and the speed baseline.  ``positions(length)``
+    and ``mask(length)``, when given, replay a known mistake instead (see mistaken_greedy)."""
     seq = idx
     for _ in range(new):
-        seq = torch.cat([seq, trusted(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        n = seq.shape[1]
+        logits = trusted(seq, positions=positions(n) if positions else None, attn_mask=mask(n) if mask else None)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return seq
+
+
+def mistaken_greedy(trusted, idx: torch.Tensor, new: int) -> dict[str, torch.Tensor]:
+    """The greedy tokens two classic cache mistakes give, replayed here with the full model: every
+    decode step's token embedded at position 0, and a prefill without the causal mask."""
+    t = idx.shape[1]
+    at_zero = lambda n: torch.tensor([list(range(t)) + [0] * (n - t)])  # noqa: E731
+    def open_prompt(n):  # the prompt's queries see the whole prompt; the decode steps are causal
+        i = torch.arange(n)
+        return (i[None, :] <= i[:, None]) | ((i[:, None] < t) & (i[None, :] < t))
+    return {"the new token sits at position cache.length, not 0: advance the position offset":
+                greedy_full(trusted, idx, new, positions=at_zero),
+            "in the prefill, query i may look only at keys 0..i: the causal mask is still needed":
+                greedy_full(trusted, idx, new, mask=open_prompt)}
 
 
 @pytest.mark.group("generate")
@@ -61,7 +78,12 @@ def test_greedy_same_tokens_with_and_without_cache(learner):
     gen = learner.module("generate")
     model, trusted = course_models(learner, 0)
     idx = torch.randint(0, CFG["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(1))
-    cached = gen.generate(model, idx, 20, use_cache=True)
+    try:
+        cached = gen.generate(model, idx, 20, use_cache=True)
+    except ValueError as exc:  # graded, the learner's exception arrives as a ValueError too
+        raise CheckFailure(f"generate(prompt [2,5], 20 new, use_cache=True): {exc}\nHint: a cache of max_len t + "
+                           "max_new_tokens is enough when cache.length grows by t per forward_with_cache call: advance "
+                           "once, after the last layer (pytest exercises/unit4/test_kvcache.py checks the pieces)") from None
     plain = gen.generate(model, idx, 20, use_cache=False)
     expected = greedy_full(trusted, idx, 20)  # the full model's greedy tokens, on the test's side
     for out, how in ((cached, "use_cache=True"), (plain, "use_cache=False")):
@@ -70,8 +92,13 @@ def test_greedy_same_tokens_with_and_without_cache(learner):
               f"got {tuple(out.shape) if isinstance(out, torch.Tensor) else out!r}")
     check(torch.equal(plain, expected), f"greedy, use_cache=False: the tokens differ from the full model's\n"
                                         f"  yours    {plain.tolist()}\n  expected {expected.tolist()}")
-    check(torch.equal(cached, expected), f"greedy tokens differ with the cache:\n  cached   {cached.tolist()}\n"
-                                         f"  uncached {expected.tolist()} (the full model's)")
+    if not torch.equal(cached, expected):
+        named = [hint for hint, tokens in mistaken_greedy(trusted, idx, 20).items() if torch.equal(cached, tokens)]
+        first = int((cached != expected).any(0).nonzero()[0]) - 5
+        check(False, f"greedy tokens differ with the cache, from new token {first} on:\n  cached   {cached.tolist()}\n"
+                     f"  uncached {expected.tolist()} (the full model's)\nHint: "
+                     + (named[0] if named else "pytest exercises/unit4/test_kvcache.py compares forward_with_cache "
+                                               "with the full model call by call"))
 
 
 @pytest.mark.group("generate")

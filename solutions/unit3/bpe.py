@@ -251,9 +251,11 @@ class Tokenizer:
 
     def _stable_prefix(self, buffer: str) -> int:
         """Length of the longest prefix of ``buffer`` whose ids no text appended later can change."""
-        # TODO: hold back (1) the longest end of buffer that is a proper prefix of a special token (it may become
-        #       one), (2) the last two pre-tokens of the text after the last special token, (3) whitespace just
-        #       before the cut. Return the cut: the start of what is held back.
+        # TODO: the handout's section 6, in order, from cut = len(buffer): (1) hold back the longest end of buffer
+        #       that is a proper prefix of a special token (it may become one); (2) a cut strictly inside a whole
+        #       special token of split_on_special(buffer) moves to that token's start; (3) unless buffer[:cut] is
+        #       empty or ends with a special token, hold back the last two pre-tokens of its text after the last
+        #       special token; (4) and the whitespace just before the cut. Return the cut.
         ### BEGIN SOLUTION
         hold = len(buffer)
         longest = max((len(token) for token in self.special_tokens), default=0)

@@ -6,6 +6,7 @@ from the course's copy of corpus.py; the laziness test feeds your encode_iterabl
 test writes and keeps open."""
 
 import pytest
+import regex
 import tiktoken
 
 from autograder.checks import check
@@ -17,7 +18,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 MERGES = [(b"a", b"t"), (b"h", b"e"), (b"t", b"he"), (b" ", b"the"), (b"0", b"0"), (b" ", b"c"), (b"h", b"at"),
           (b" c", b"at"), (b" ", b"i"), (b" ", b"hat"), (b"s", b"at"), (b"o", b"n"), (b"T", b"he"), (b"00", b"0"),
           (b" i", b"n"), (b" ", b"sat"), (b" ", b"on"), (b" ", b"The"), (b"\xc3", b"\xa9"), (b"f", b"\xc3\xa9"),
-          (b"a", b"f\xc3\xa9"), (b"\n", b"\n"), (b"m", b"at"), (b" i", b"s")]
+          (b"a", b"f\xc3\xa9"), (b"\n", b"\n"), (b"m", b"at"), (b" i", b"s"), (b"l", b"l"), (b"'", b"ll")]
 
 
 def make_vocab(merges, specials):
@@ -39,6 +40,43 @@ def oracle(merges, specials):
 
 def tokenizer(learner, merges=MERGES, specials=(EOT,)):
     return learner.module("bpe").Tokenizer(make_vocab(merges, list(specials)), merges, list(specials))
+
+
+def expected_ids(text, merges=MERGES, specials=(EOT,)):
+    """The oracle's ids with special tokens matched longest first (tiktoken's own special-token match
+    has no defined order where one special token begins another)."""
+    encoding, ids = oracle(merges, list(specials)), []
+    special_ids = {token: 256 + k for k, token in enumerate(specials)}
+    pieces = regex.split("(" + "|".join(map(regex.escape, sorted(specials, key=len, reverse=True))) + ")", text) if specials else [text]
+    for piece in pieces:
+        ids += [special_ids[piece]] if piece in special_ids else encoding.encode_ordinary(piece)
+    return ids
+
+
+def first_position(got: str, want: str) -> int:
+    """The first character where two strings differ."""
+    return next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+
+def shortest_failing(text: str, fails, budget: int = 400) -> str:
+    """A short piece of ``text`` on which ``fails`` still holds: drop ever smaller slices while it
+    keeps failing (delta debugging), at most ``budget`` tries."""
+    parts = 2
+    while len(text) > 1 and budget > 0:
+        size = max(1, len(text) // parts)
+        for start in range(0, len(text), size):
+            budget -= 1
+            smaller = text[:start] + text[start + size:]
+            if smaller and fails(smaller):
+                text, parts = smaller, max(parts - 1, 2)
+                break
+            if budget <= 0:
+                break
+        else:
+            if size == 1:
+                break
+            parts = min(2 * parts, len(text))
+    return text
 
 
 TEXT = f"The cat in the hat sat on the mat.\n\nThe café at 1000 Main St  is open!{EOT}the end  \n"
@@ -68,11 +106,38 @@ def test_special_tokens_are_never_split(learner):
           "each special token is one id (256), never split or merged with its neighbours")
 
 
+@pytest.mark.group("encode")
+def test_overlapping_special_tokens_longest_first(learner):
+    specials = [EOT, "<|a|>", "<|a|><|a|>"]
+    text = "x<|a|><|a|><|a|>y"
+    ids = tokenizer(learner, specials=specials).encode(text)
+    expected = expected_ids(text, specials=specials)  # x, <|a|><|a|>, <|a|>, y
+    check(ids == expected, f"encode({text!r}) with special tokens {specials} gave {ids}, expected {expected}"
+          "\nHint: match special tokens longest first: '<|a|><|a|>' is one token, never '<|a|>' twice")
+
+
 @pytest.mark.group("decode")
 def test_decode_round_trip(learner):
     tok = tokenizer(learner)
     text = learner.course("corpus").generate(3000, 1)
-    check(tok.decode(tok.encode(text)) == text, "decode(encode(text)) != text on a generated corpus")
+    back = tok.decode(tok.encode(text))
+    if back == text:
+        return
+
+    def fails(piece):
+        try:
+            return tok.decode(tok.encode(piece)) != piece
+        except Exception:
+            return True
+
+    k, short = first_position(back, text), shortest_failing(text, fails)
+    try:
+        short_back = repr(tok.decode(tok.encode(short)))
+    except Exception as error:
+        short_back = f"an error ({type(error).__name__})"
+    check(False, f"decode(encode(text)) != text for text = corpus.generate(3000, 1): they differ first at character "
+          f"{k}: got {back[max(0, k - 10):k + 10]!r}, expected {text[max(0, k - 10):k + 10]!r}. The shortest failing "
+          f"piece of that text found: {short!r} (decode(encode(it)) gave {short_back})")
 
 
 @pytest.mark.group("decode")
@@ -95,15 +160,41 @@ def test_save_and_load(learner):
     check(loaded.vocab == make_vocab(MERGES, [EOT]), "the loaded vocab differs from the saved one")
 
 
+# Chunks cut where each step of the handout's section 6 matters, each with the hint of its step.
+STREAM_CASES = {
+    "3_character_chunks": ([TEXT[i : i + 3] for i in range(0, len(TEXT), 3)], [EOT],  # through words, spaces, <|endoftext|>
+                           "a chunk boundary is not a pre-token boundary; hold back the end of the buffer until more "
+                           "text comes"),
+    "contraction": (["we'l", "l go"], [EOT],
+                    "hold back the last two pre-tokens, not one: whether a pre-token is final can depend on the two "
+                    "characters after it (\"'l\" + \"l\" is the contraction \"'ll\")"),
+    "whitespace_run": (["x\n\nA b", "c"], [EOT],
+                       "move the cut left past the whitespace before the pre-tokens you hold back: \"\\n\\n\" alone is "
+                       "one pre-token, but \"\\n\\nA\" gives \"\\n\", \"\\n\", \"A\""),
+    "special_token_cut": (["the end.<|endoftext|", "> the"], [EOT],
+                          "hold back an end of the buffer that may still become a special token (\"...<|endof\" + "
+                          "\"text|>\")"),
+    "special_token_inside_a_longer_one": (["<|a|><|a|>"], [EOT, "<|a|>", "<|a|><|a|>"],
+                                          "never cut inside a whole special token of the buffer: the end \"<|a|>\" of "
+                                          "\"<|a|><|a|>\" is also the beginning of the longer token; move the cut to "
+                                          "the start of the whole token"),
+    "empty_chunks": (["", "the", "", " cat", ""], [EOT],
+                     "an empty chunk is not the end of the input: read until the iterable is exhausted"),
+}
+
+
 @pytest.mark.group("stream")
-def test_encode_iterable_equals_encode(learner):
-    tok = tokenizer(learner)
-    chunks = [TEXT[i : i + 3] for i in range(0, len(TEXT), 3)]  # cuts through words, spaces and <|endoftext|>
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_encode_iterable_equals_encode(learner, case):
+    chunks, specials, hint = STREAM_CASES[case]
+    tok = tokenizer(learner, specials=specials)
     got = list(tok.encode_iterable(chunks))
-    expected = oracle(MERGES, [EOT]).encode(TEXT, allowed_special="all")
-    check(got == expected, f"encode_iterable over 3-character chunks gave\n got      {got}\n expected {expected}\n(the "
-          "ids of the whole text): a chunk boundary is not a pre-token boundary; hold back the end of the buffer "
-          "until more text comes")
+    expected = expected_ids("".join(chunks), specials=specials)
+    if got != expected and tok.encode("".join(chunks)) != expected:
+        hint = "encode(the whole text) is wrong too: fix encode first (test_encode_* tell how)"
+    shown = f"{len(chunks)} chunks of 3 characters of TEXT" if case == "3_character_chunks" else repr(chunks)
+    check(got == expected, f"encode_iterable({shown}) with special tokens {specials}:\n got      {got}\n expected "
+          f"{expected}\n(the ids of the whole text)\nHint: {hint}")
 
 
 @pytest.mark.group("stream")

@@ -8,6 +8,7 @@ Conventions (the handout states each one):
   ``values[t + 1]`` (if any) belongs to a new episode.
 * Masks are 1 (or True) where a position counts and 0 where it does not; masked-out positions
   may hold any finite garbage and must not change any result.
+* No function changes its arguments in place: the caller reuses them.
 * Every loss here is minimised.  ``ratio = exp(logp_new - logp_old)``.
 """
 
@@ -140,8 +141,8 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) over the last dim: H = logsumexp(z) - sum(softmax(z) * z).
 
-    Finite for logits as large as +-1e4 (where some probabilities are exactly 0).  Computed in
-    float32 or wider; shape logits.shape[:-1].
+    Finite for logits as large as +-1e4 (where some probabilities are exactly 0), and accurate
+    there (subtract the row max first).  Computed in float32 or wider; shape logits.shape[:-1].
     """
     # TODO: the formula above (it never takes log of a probability).
     ### BEGIN SOLUTION
@@ -161,9 +162,10 @@ def ppo_policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: 
 
         logratio = logp_new - logp_old;  ratio = exp(logratio)
         loss     = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
-        clipfrac = mean(|ratio - 1| > eps)
+        clipfrac = mean(|ratio - 1| > eps)      (strictly: a ratio of exactly 1 +- eps is not clipped)
         k1       = mean(-logratio);  k3 = mean((ratio - 1) - logratio)
-    Every mean is masked_mean(., mask).  Returns (loss, clipfrac, k1, k3), 0-dim tensors.
+    Every mean is masked_mean(., mask).  clip_eps=0.0 clips every ratio to 1.  Returns (loss,
+    clipfrac, k1, k3), 0-dim tensors.
     """
     # TODO: the lines above; the ratio comes from a log-prob difference, never from probabilities.
     ### BEGIN SOLUTION
@@ -186,7 +188,7 @@ def ppo_value_loss(values_new: torch.Tensor, values_old: torch.Tensor, returns: 
 
         V_clip = V_old + clip(V_new - V_old, -eps, eps)
         loss   = 0.5 * mean(max((V_new - R)^2, (V_clip - R)^2))
-    Means are masked_mean(., mask).
+    Means are masked_mean(., mask).  Only clip_eps=None turns clipping off (0.0 clips every change).
     """
     # TODO: the lines above.
     ### BEGIN SOLUTION
@@ -254,7 +256,8 @@ def ppo_update(agent, optimizer: torch.optim.Optimizer, batch: dict, cfg: PPOCon
     target_kl is set and this minibatch's k3 > target_kl, stop the whole update (after its step).
 
     Returns floats averaged over the steps taken: "policy_loss", "value_loss", "entropy",
-    "approx_kl" (k3), "clipfrac"; and "steps", the number of optimizer steps.
+    "approx_kl" (k3), "clipfrac" (0.0 each when no step is taken); and "steps", the number of
+    optimizer steps.  The batch is left as it was.
     """
     # TODO: the loop above.
     ### BEGIN SOLUTION

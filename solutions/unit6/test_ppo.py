@@ -12,6 +12,12 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+# hints the handout quotes, word for word
+SHIFT_HINT = "subtract the row max from z first: at |z| ~ 1e4 float32 keeps only ~3 decimals, which logsumexp(z) - sum(p * z) loses"
+CLIP_HINT = "clip the gradient norm after loss.backward() and before optimizer.step() (clipping after the step changes nothing)"
+RATIO_HINT = "ratio = exp(logp_new - logp_old): exp(-200) is 0 in float32, so exp(logp_new) / exp(logp_old) is 0 / 0"
+
+
 # --- A. GAE ------------------------------------------------------------------------------------
 
 
@@ -72,9 +78,13 @@ def test_masked_whiten(learner):
     ppo = learner.module("ppo")
     x = torch.tensor([1.0, 2.0, 3.0, 1e3])
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    # mean 2, Bessel variance 1
+    # mean 2, Bessel variance 1 (the biased variance is 2/3; with the garbage, mean and variance are huge)
     assert_close(ppo.masked_whiten(x, mask), torch.tensor([-1.0, 0.0, 1.0, 0.0]), atol=1e-6,
-                 call="masked_whiten([1,2,3,garbage], mask 1110)")
+                 call="masked_whiten([1,2,3,garbage], mask 1110)",
+                 mistakes={"use the Bessel-corrected variance: multiply by n / (n - 1)":
+                           torch.tensor([-1.5 ** 0.5, 0.0, 1.5 ** 0.5, 0.0]),
+                           "the mean and variance must come from the masked positions only":
+                           torch.where(mask > 0, (x - x.mean()) / x.std(), torch.zeros(4))})
     assert_close(ppo.masked_whiten(x, mask, False), torch.tensor([1.0, 2.0, 3.0, 0.0]), atol=1e-6,
                  call="masked_whiten(..., shift_mean=False)", hint="shift_mean=False adds the mean back")
 
@@ -82,10 +92,12 @@ def test_masked_whiten(learner):
 @pytest.mark.group("masked_ops")
 def test_entropy_finite_for_huge_logits(learner):
     ppo = learner.module("ppo")
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1e4, 0.0, -1e4, 0.0]])
-    assert_close(ppo.entropy_from_logits(logits), torch.tensor([math.log(4.0), 0.0]), atol=1e-5,
-                 call="entropy_from_logits([[0,0,0,0], [1e4,0,-1e4,0]])",
-                 hint="-(p * log p) gives 0 * -inf = nan where p == 0; use logsumexp(z) - sum(p * z)")
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1e4, 0.0, -1e4, 0.0], [1e4, 1e4, -1e4, 0.0]])
+    # after subtracting the row max the logits are small exact numbers: float32 gets H to ~1e-7;
+    # without it, logsumexp(z) and sum(p * z) are ~1e4, where float32 keeps ~3 decimals (error ~2e-4)
+    assert_close(ppo.entropy_from_logits(logits), torch.tensor([math.log(4.0), 0.0, math.log(2.0)]), atol=1e-5,
+                 call="entropy_from_logits([[0,0,0,0], [1e4,0,-1e4,0], [1e4,1e4,-1e4,0]])",
+                 nan_hint="-(p * log p) gives 0 * -inf = nan where p == 0; use logsumexp(z) - sum(p * z)", hint=SHIFT_HINT)
 
 
 @pytest.mark.group("masked_ops")
@@ -116,11 +128,36 @@ def test_policy_loss_and_stats(learner):
     logp_new = logp_old + torch.tensor([0.5, -0.5, 0.05, 0.0], dtype=torch.float64)
     adv = torch.tensor([1.0, 1.0, -2.0, 3.0], dtype=torch.float64)
     loss, clipfrac, k1, k3 = ppo.ppo_policy_loss(logp_new, logp_old, adv, 0.2)
-    assert_close(loss, _policy_loss(logp_new, logp_old, adv, 0.2), rtol=1e-10, call="ppo_policy_loss(...)[0]")
+    assert_close(loss, _policy_loss(logp_new, logp_old, adv, 0.2), rtol=1e-10, call="ppo_policy_loss(...)[0]",
+                 mistakes={"the loss is the mean over the samples, not the sum": 4 * _policy_loss(logp_new, logp_old, adv, 0.2)})
     assert_close(clipfrac, torch.tensor(0.5, dtype=torch.float64), call="ppo_policy_loss(...)[1] (clipfrac)")
     lr = logp_new - logp_old
     assert_close(k1, (-lr).mean(), rtol=1e-10, call="ppo_policy_loss(...)[2] (k1)")
     assert_close(k3, (lr.exp() - 1 - lr).mean(), rtol=1e-10, call="ppo_policy_loss(...)[3] (k3)")
+
+
+@pytest.mark.group("policy_loss")
+def test_ratio_one_is_the_plain_policy_gradient(learner):
+    ppo = learner.module("ppo")
+    logp = torch.tensor([-0.5, -1.0, -2.0, -0.25], dtype=torch.float64)
+    adv = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    out, grads = learner.harness("value_and_grad", ppo.ppo_policy_loss, [logp, logp.clone(), adv, 0.2], [0], pick=0)
+    assert_close(out[0], -adv.mean(), rtol=1e-12, atol=1e-12, call="ppo_policy_loss at ratio 1 (logp_new == logp_old)",
+                 hint="at ratio 1 the loss is -mean(A)")
+    check(grads[0] is not None, "no gradient reached logp_new from the loss (is the ratio detached?)")
+    assert_close(grads[0], -adv / 4, rtol=1e-12, atol=1e-12, call="d loss / d logp_new at ratio 1 (4 samples)",
+                 hint="at ratio 1 the gradient is the plain policy gradient -A / N")
+
+
+@pytest.mark.group("policy_loss")
+def test_ratio_from_log_probs_of_minus_200(learner):
+    ppo = learner.module("ppo")
+    logp_old = torch.tensor([-200.0, -250.0, -180.0, -320.0])  # float32: exp(-200) is exactly 0
+    logp_new = logp_old + torch.tensor([0.1, -0.05, 0.3, 0.0])
+    adv = torch.tensor([1.0, -1.0, 0.5, 2.0])
+    loss = ppo.ppo_policy_loss(logp_new, logp_old, adv, 0.2)[0]
+    assert_close(loss, _policy_loss(logp_new.double(), logp_old.double(), adv.double(), 0.2), rtol=1e-4, atol=1e-5,
+                 call="ppo_policy_loss(float32 log-probs near -200)", nan_hint=RATIO_HINT)
 
 
 @pytest.mark.group("policy_loss")
@@ -198,6 +235,30 @@ def test_ppo_update_counts_steps(learner):
     after = agent.state_dict()
     check(any(not torch.equal(before[k], after[k]) for k in before), "ppo_update did not change the agent's weights")
     check(any(not torch.equal(start[k], before[k]) for k in start), "the first ppo_update did not change the agent's weights")
+
+
+@pytest.mark.group("ppo_update")
+def test_ppo_update_clips_the_gradient_before_the_step(learner):
+    """One step of plain SGD with lr 1 moves the weights by exactly the (clipped) gradient."""
+    ppo, envs, torch_l = learner.module("ppo"), learner.module("envs"), learner.lib("torch")
+    with torch.random.fork_rng(devices=[]):
+        start = learner.course("envs").ActorCritic(6, 4, 16, 1).state_dict()
+    agent = envs.ActorCritic(6, 4, 16)
+    agent.load_state_dict(start)
+    batch = _batch(32, 6, 2)
+    batch["advantages"] = batch["advantages"] * 10  # a gradient far larger than max_grad_norm
+    max_norm = 0.01
+    stats = ppo.ppo_update(agent, torch_l.optim.SGD(agent.parameters(), lr=1.0), batch,
+                           ppo.PPOConfig(epochs=1, minibatch_size=32, max_grad_norm=max_norm), torch_l.Generator().manual_seed(0))
+    check(isinstance(stats, dict) and stats.get("steps") == 1,
+          f"ppo_update with 32 samples, minibatch 32, 1 epoch returned {stats!r}; expected 'steps': 1")
+    after = agent.state_dict()
+    moved = sum(float(((after[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+    what = (f"one ppo_update step with SGD(lr=1) and max_grad_norm={max_norm} moved the weights by {moved:.4g} "
+            "(L2 norm over all parameters)")
+    check(moved <= max_norm * 1.001, f"{what}; with the gradient clipped to norm {max_norm} it moves them by at most "
+                                     f"{max_norm}.\nHint: {CLIP_HINT}")
+    check(moved >= max_norm / 2, f"{what}; expected about {max_norm} (the gradient is far larger, clipped to that norm)")
 
 
 # --- D. end to end: the course's loop, run here with your functions ---------------------------------

@@ -4,12 +4,18 @@ random expression graphs (Hypothesis), accumulation, order, and a 10,000-node gr
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from autograder.checks import assert_close
+from autograder.checks import assert_close, check
 
+# The hints of the classic mistakes of backward(), each shown only where the learner's gradient is
+# what that mistake gives (computed here by _Sim, below).
 ACCUMULATE = "a node used twice must accumulate its gradient (+=), not overwrite it (=)"
+ORDER = ("call _backward in reverse topological order (for node in reversed(order)): walked forwards, a node "
+         "passes its gradient on before its users have added theirs")
+ONCE = "call each node's _backward exactly once: check the visited set when you pop a node, not only when you push it"
+SWAPPED = "in a * b, a's gradient is b (and b's is a): the operands are swapped"
 
 # (name, how to apply it to a learner Value, the same in torch, a valid input range)
 UNARY = {
@@ -55,10 +61,15 @@ def test_unary_against_torch(learner, rng, name):
     t = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
     ty = torch_apply(t)
     ty.backward()
-    assert_close(y.data, ty.item(), rtol=1e-12, atol=1e-12, call=f"{name}(Value({x0:.6g})).data")
+    assert_close(y.data, ty.item(), rtol=1e-12, atol=1e-12, call=f"{name}(Value({x0!r})).data")
     y.backward()
-    assert_close(x.grad, t.grad.item(), rtol=1e-9, atol=1e-12, call=f"Value({x0:.6g}) grad after {name}(...).backward()",
-                 hint=LOCAL_HINTS.get(name))
+    def build(lib):
+        v = lib(x0)
+        return (v,), apply(v)
+
+    got = x.grad
+    assert_close(got, t.grad.item(), rtol=1e-9, atol=1e-12, call=f"x.grad after {name}(x).backward(), x = Value({x0!r})",
+                 mistakes=_mistakes(build, got), hint=LOCAL_HINTS.get(name))
 
 
 @pytest.mark.group("value_ops")
@@ -73,24 +84,147 @@ def test_binary_against_torch(learner, rng, name):
     tb = torch.tensor(b0, dtype=torch.float64, requires_grad=True)
     tout = torch_apply(ta, tb)
     tout.backward()
-    call = f"{name} with a={a0:.4g}, b={b0:.4g}"
+    call = f"{name} with a = Value({a0!r}), b = Value({b0!r})"
     assert_close(out.data, tout.item(), rtol=1e-12, atol=1e-12, call=f"{call}: value")
     out.backward()
-    assert_close(a.grad, ta.grad.item(), rtol=1e-9, atol=1e-12, call=f"{call}: a.grad",
-                 mistakes={"in a * b, a's gradient is b (and b's is a): the operands are swapped": a0} if name == "mul" else None)
+    def build(lib):
+        inputs = (lib(a0), lib(b0))
+        return inputs, apply(*inputs)
+
+    got = a.grad
+    assert_close(got, ta.grad.item(), rtol=1e-9, atol=1e-12, call=f"{call}: a.grad", mistakes=_mistakes(build, got, 0))
     expected_b = tb.grad.item() if tb.grad is not None else 0.0
-    assert_close(b.grad, expected_b, rtol=1e-9, atol=1e-12, call=f"{call}: b.grad")
+    got = b.grad
+    assert_close(got, expected_b, rtol=1e-9, atol=1e-12, call=f"{call}: b.grad", mistakes=_mistakes(build, got, 1))
 
 
 @pytest.mark.group("value_ops")
 def test_log_of_non_positive_raises(learner):
     Value = learner.module("autograd").Value
-    with pytest.raises(ValueError):
-        Value(-1.0).log()
+    for x0 in (-1.0, 0.0):  # "raise ValueError if a <= 0": 0 included
+        with pytest.raises(ValueError):
+            Value(x0).log()
+
+
+@pytest.mark.group("value_ops")
+def test_relu_at_zero(learner):
+    """The kink itself, which random inputs never hit: relu(0) = 0, and its gradient there is 0
+    (1 only where the input is > 0, as torch.relu does)."""
+    Value = learner.module("autograd").Value
+    x = Value(0.0)
+    y = x.relu()
+    assert_close(y.data, 0.0, atol=0, call="Value(0.0).relu().data")
+    y.backward()
+    assert_close(x.grad, 0.0, atol=0, call="x.grad after x.relu().backward(), x = Value(0.0)",
+                 hint="relu passes the gradient only where the input is > 0: at exactly 0 it passes nothing")
+
+
+class _Sim:
+    """The scalar engine of the handout, written here, with a switch for each classic mistake: it
+    computes what a learner's Value with that mistake gives on the same graph, so that a failure
+    can name the mistake.  The given operators (-, neg, /, radd, ...) are built the way
+    autograd.py builds them, so the graphs have the same nodes in the same order."""
+
+    def __init__(self, data, prev=(), local=(), op=""):
+        self.data, self.prev, self.local, self.op, self.grad = float(data), prev, local, op, 0.0
+
+    @staticmethod
+    def lift(v):
+        return v if isinstance(v, _Sim) else _Sim(v)
+
+    def __add__(self, other):
+        other = _Sim.lift(other)
+        return _Sim(self.data + other.data, (self, other), (1.0, 1.0), "+")
+
+    def __mul__(self, other):
+        other = _Sim.lift(other)
+        return _Sim(self.data * other.data, (self, other), (other.data, self.data), "*")
+
+    def __pow__(self, n):
+        return _Sim(self.data**n, (self,), (n * self.data ** (n - 1),), "**")
+
+    def tanh(self):
+        t = float(np.tanh(self.data))
+        return _Sim(t, (self,), (1.0 - t * t,), "tanh")
+
+    def exp(self):
+        e = float(np.exp(self.data))
+        return _Sim(e, (self,), (e,), "exp")
+
+    def log(self):
+        return _Sim(float(np.log(self.data)), (self,), (1.0 / self.data,), "log")
+
+    def relu(self):
+        return _Sim(max(self.data, 0.0), (self,), (1.0 if self.data > 0 else 0.0,), "relu")
+
+    def __neg__(self):
+        return self * -1.0
+
+    def __sub__(self, other):
+        return self + (-_Sim.lift(other))
+
+    def __truediv__(self, other):
+        return self * _Sim.lift(other) ** -1
+
+    def __radd__(self, other):
+        return self + other
+
+    def __rsub__(self, other):
+        return _Sim.lift(other) - self
+
+    def __rmul__(self, other):
+        return self * other
+
+    def __rtruediv__(self, other):
+        return _Sim.lift(other) / self
+
+    def backward(self, mistake=None, overwrite=("+", "*", "**", "tanh", "exp", "log", "relu")):
+        """mistake: None (right), "overwrite" (= instead of += in the ops named by ``overwrite``),
+        "forwards" (the order walked forwards), "twice" (visited checked only when pushing) or
+        "swapped" (in a * b, a's gradient uses a and b's uses b)."""
+        order, visited, stack = [], set(), [(self, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                order.append(node)
+                continue
+            if id(node) in visited and mistake != "twice":
+                continue
+            visited.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in node.prev if id(child) not in visited)
+        self.grad = 1.0
+        for node in order if mistake == "forwards" else reversed(order):
+            local = node.local[::-1] if mistake == "swapped" and node.op == "*" else node.local
+            for child, d in zip(node.prev, local):
+                if mistake == "overwrite" and node.op in overwrite:
+                    child.grad = d * node.grad
+                else:
+                    child.grad += d * node.grad
+
+
+def _mistakes(build, got, which=0):
+    """{hint: what that mistake gives} for input ``which`` of the graph ``build(_Sim)`` returns as
+    (inputs, out); for `=` instead of `+=`, the variant (in every operation, or in one) closest to
+    what the learner got.  None where the learner's value is not a number (assert_close says why)."""
+    if not isinstance(got, float):
+        return None
+
+    def grad(mistake=None, *overwrite):
+        inputs, out = build(_Sim)
+        out.backward(mistake, *overwrite)
+        return inputs[which].grad
+
+    overwritten = [grad("overwrite", ops) for ops in (("+", "*", "**", "tanh"), ("+",), ("*",), ("**",), ("tanh",))]
+    return {ACCUMULATE: min(overwritten, key=lambda v: abs(v - got)), ORDER: grad("forwards"), ONCE: grad("twice"),
+            SWAPPED: grad("swapped")}
+
+
+_NAMES = {0: "{a} + {b}", 1: "{a} * {b}", 2: "tanh({a})", 3: "{a} - {b} * 0.5"}
 
 
 def _build(ops, x0, lib):
-    """The same random expression in the learner's Value and in torch."""
+    """The same random expression in the learner's Value, in torch and in _Sim."""
     x = lib(x0)
     nodes = [x]
     for kind, i, j in ops:
@@ -109,10 +243,28 @@ def _build(ops, x0, lib):
     return x, out
 
 
+def _program(ops, x0) -> str:
+    """The expression _build makes, as Python you can paste (with your Value as x)."""
+    names, lines = ["x"], [f"x = Value({x0!r})"]
+    for kind, i, j in ops:
+        a, b = names[i % len(names)], names[j % len(names)]
+        names.append(f"n{len(names)}")
+        lines.append(f"{names[-1]} = " + (_NAMES[kind].format(a=a, b=b) if kind != 2 else f"{a}.tanh()"))
+    lines.append("out = " + " + ".join([names[-1]] + [f"{n} * 0.1" for n in names[1:-1]]))
+    return "; ".join(lines)
+
+
 @pytest.mark.group("value_backward")
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 50), st.integers(0, 50)), min_size=1, max_size=12),
        x0=st.floats(-1.5, 1.5))
+# Graphs where each mistake shows for sure (random draws reach them only sometimes): a node used
+# twice by one operation (x * x, x + x), an intermediate used twice (n1 + n1: expanded twice when
+# visited is checked only at push), and a chain in which the order matters.
+@example(ops=[(1, 0, 0)], x0=1.25)
+@example(ops=[(0, 0, 0)], x0=0.75)
+@example(ops=[(1, 0, 0), (0, 1, 1)], x0=0.5)
+@example(ops=[(1, 0, 0), (2, 1, 1), (3, 2, 1)], x0=-0.8)
 def test_random_graphs_against_torch(learner, ops, x0):
     Value = learner.module("autograd").Value
     x, out = _build(ops, x0, Value)
@@ -120,8 +272,16 @@ def test_random_graphs_against_torch(learner, ops, x0):
     tx, tout = _build(ops, None, lambda _: t)
     tout.backward()
     out.backward()
-    assert_close(out.data, tout.item(), rtol=1e-9, atol=1e-9, call=f"a random graph of {len(ops)} operations: value")
-    assert_close(x.grad, t.grad.item(), rtol=1e-7, atol=1e-9, call=f"a random graph of {len(ops)} operations: x.grad",
+    program = _program(ops, x0)
+
+    def build(lib):
+        x, out = _build(ops, x0, lib)
+        return (x,), out
+
+    assert_close(out.data, tout.item(), rtol=1e-9, atol=1e-9, call=f"out.data after {program}")
+    got = x.grad
+    assert_close(got, t.grad.item(), rtol=1e-7, atol=1e-9, call=f"x.grad after {program}; out.backward()",
+                 mistakes=_mistakes(build, got),
                  hint="check the order (reverse topological) and that every node's _backward runs exactly once")
 
 
@@ -129,16 +289,19 @@ def test_random_graphs_against_torch(learner, ops, x0):
 def test_diamond_accumulates_and_runs_once(learner, rng):
     Value = learner.module("autograd").Value
     x0 = float(rng.uniform(0.5, 1.5))
-    x = Value(x0)
-    a = x * 2.0
-    b = x * 3.0
-    c = a * b  # 6 x^2
-    d = c + a  # 6 x^2 + 2 x
+
+    def build(lib):
+        x = lib(x0)
+        a = x * 2.0
+        b = x * 3.0
+        c = a * b  # 6 x^2
+        return (x,), c + a  # 6 x^2 + 2 x
+
+    (x,), d = build(Value)
     d.backward()
-    assert_close(x.grad, 12 * x0 + 2, rtol=1e-12, call=f"x.grad of (2x)(3x) + 2x at x={x0:.4g}",
-                 mistakes={ACCUMULATE: 3 * 2 * x0 * 3,
-                           "run each node's _backward once, after all of its users (reverse topological order)":
-                               2 * (12 * x0 + 2)})
+    got = x.grad
+    assert_close(got, 12 * x0 + 2, rtol=1e-12, call=f"x.grad of a * b + a, a = x * 2.0, b = x * 3.0, x = Value({x0!r})",
+                 mistakes=_mistakes(build, got))
 
 
 @pytest.mark.group("value_backward")
@@ -149,9 +312,13 @@ def test_ten_thousand_nodes(learner, rng):
     y = x
     for _ in range(5000):
         y = y * 1.0001 + 0.0  # 10,000 nodes deep
-    y.backward()
-    assert_close(x.grad, 1.0001**5000, rtol=1e-9, call="x.grad through a 10,000-node chain",
-                 hint="walk the graph with an explicit stack: recursion stops at about 1,000 frames")
+    try:
+        y.backward()
+    except RecursionError as exc:
+        check(False, f"backward() through a chain of 10,000 nodes raised RecursionError ({str(exc)[:80]})\n"
+                     "Hint: walk the graph with an explicit stack: recursion stops at about 1,000 frames")
+    assert_close(x.grad, 1.0001**5000, rtol=1e-9, call="x.grad of y = x * 1.0001 + 0.0, repeated 5000 times (10,000 nodes)",
+                 mistakes={ORDER: 0.0}, hint="check that every node's _backward runs, once, in reverse topological order")
 
 
 @pytest.mark.group("value_backward")

@@ -16,6 +16,35 @@ from autograder.testing import numerical_gradient
 
 REFERENCE = reference_module("unit1.layers")
 
+BIASED = "LayerNorm uses the biased variance (divide by D, not D - 1)"
+EPS_INSIDE = "eps goes inside the square root: rstd = 1 / sqrt(var + eps)"
+MEAN_TERMS = "the mean and variance depend on x too: dx needs the two mean terms"
+BIAS_CORRECTION = "Adam divides m and v by (1 - beta ** t) (bias correction), with t counting from 1"
+EPS_OUTSIDE = "eps goes outside the square root: sqrt(v_hat) + eps"
+
+
+class _TheirSide:
+    """Arrays kept on the learner's side, and calls with them: what a function does to its
+    caller's array in place cannot be seen once the array is copied back, so the test keeps the
+    array there and reads it again afterwards (it must still hold what was sent)."""
+
+    def __init__(self, learner):
+        self.learner, self.kept = learner, []
+
+    def array(self, value: np.ndarray, name: str):
+        stored = self.learner.harness("call_stored", self.learner.lib("numpy").array, [value])
+        self.kept.append((name, stored, value.copy()))
+        return stored
+
+    def call(self, fn, *args):
+        return self.learner.harness("fetch", self.learner.harness("call_stored", fn, list(args)))
+
+    def check_unchanged(self, call: str) -> None:
+        for name, stored, sent in self.kept:
+            assert_close(self.learner.harness("fetch", stored), sent, rtol=0, atol=0, call=f"{call}: your {name} afterwards",
+                         hint=f"do not change the {name} you are given in place (the caller still uses it): "
+                              "use out-of-place operations, or work on a copy")
+
 
 def _torch_grads(fn, *arrays, dout):
     tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
@@ -33,14 +62,17 @@ def test_linear(learner, rng):
     W, b = rng.normal(size=(d_in, d_out)) / np.sqrt(d_in), rng.normal(size=d_out)
     layer.params = {"W": W, "b": b}
     call = f"Linear({d_in}, {d_out}) on x[{n},{d_in}]"
-    y = layer.forward(x)
+    theirs = _TheirSide(learner)
+    y = theirs.call(layer.forward, theirs.array(x, "x"))
     ref, (dx, dW, db) = _torch_grads(lambda x, W, b: x @ W + b, x, W, b, dout=dout)
     assert_close(y, ref, rtol=1e-12, atol=1e-12, call=f"{call}: forward")
-    assert_close(layer.backward(dout), dx, rtol=1e-10, atol=1e-12, call=f"{call}: backward -> dx",
-                 hint="dx = dout @ W.T, of shape [N, d_in] like x")
+    assert_close(theirs.call(layer.backward, theirs.array(dout, "dout")), dx, rtol=1e-10, atol=1e-12,
+                 call=f"{call}: backward -> dx", hint="dx = dout @ W.T, of shape [N, d_in] like x")
+    theirs.check_unchanged(call)
     assert_close(layer.grads["W"], dW, rtol=1e-10, atol=1e-12, call=f"{call}: grads['W']",
                  mistakes={"sum over the batch; do not average": dW / n})
-    assert_close(layer.grads["b"], db, rtol=1e-10, atol=1e-12, call=f"{call}: grads['b']")
+    assert_close(layer.grads["b"], db, rtol=1e-10, atol=1e-12, call=f"{call}: grads['b']",
+                 mistakes={"sum over the batch; do not average": db / n})
 
 
 @pytest.mark.group("layers")
@@ -48,15 +80,22 @@ def test_linear(learner, rng):
 def test_activations(learner, rng, name):
     layers = learner.module("layers")
     x = rng.normal(size=(5, 7)) * 2
-    x[np.abs(x) < 1e-3] = 0.5  # keep relu away from its kink
+    x[np.abs(x) < 1e-3] = 0.5
+    x[0, :3] = 0.0  # the kink itself, which random inputs never hit: ReLU passes nothing there (mask x > 0)
     dout = rng.normal(size=(5, 7))
     torch_fn = {"ReLU": torch.relu, "GELU": lambda t: F.gelu(t, approximate="tanh")}[name]
     layer = getattr(layers, name)()
     ref, (dx,) = _torch_grads(torch_fn, x, dout=dout)
     exact_gelu = F.gelu(torch.tensor(x)).numpy()
-    assert_close(layer.forward(x), ref, rtol=1e-10, atol=1e-12, call=f"{name}().forward(x[5,7])",
+    call = f"{name}() on x[5,7] (x[0, :3] = 0)"
+    theirs = _TheirSide(learner)
+    assert_close(theirs.call(layer.forward, theirs.array(x, "x")), ref, rtol=1e-10, atol=1e-12, call=f"{call}: forward",
                  mistakes={"use the tanh approximation, not the exact erf form": exact_gelu} if name == "GELU" else None)
-    assert_close(layer.backward(dout), dx, rtol=1e-9, atol=1e-12, call=f"{name}().backward(dout[5,7])")
+    assert_close(theirs.call(layer.backward, theirs.array(dout, "dout")), dx, rtol=1e-9, atol=1e-12,
+                 call=f"{call}: backward(dout[5,7])",
+                 mistakes={"ReLU passes the gradient only where x > 0: at exactly 0 it passes nothing":
+                           np.where(x >= 0, dout, 0.0)} if name == "ReLU" else None)
+    theirs.check_unchanged(call)
 
 
 @pytest.mark.group("layers")
@@ -64,18 +103,22 @@ def test_layernorm(learner, rng):
     layers = learner.module("layers")
     n, d = int(rng.integers(2, 6)), int(rng.integers(3, 9))
     x, dout = rng.normal(size=(n, d)) * 3 + 1, rng.normal(size=(n, d))
+    # One row almost constant: its variance (about 1e-6) is below eps, where eps's place matters.
+    x[-1] = rng.normal() + 1e-3 * rng.normal(size=d)
     gamma, beta = rng.normal(size=d), rng.normal(size=d)
     layer = layers.LayerNorm(d)
     layer.params = {"gamma": gamma, "beta": beta}
-    call = f"LayerNorm({d}) on x[{n},{d}]"
+    call = f"LayerNorm({d}) on x[{n},{d}] (its last row nearly constant)"
     ref, (dx, dgamma, dbeta) = _torch_grads(lambda x, g, b: F.layer_norm(x, (d,), g, b, 1e-5), x, gamma, beta, dout=dout)
-    assert_close(layer.forward(x), ref, rtol=1e-9, atol=1e-10, call=f"{call}: forward",
-                 mistakes={"LayerNorm uses the biased variance (divide by D, not D - 1)":
-                           (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, ddof=1, keepdims=True) + 1e-5) * gamma + beta})
+    centered = x - x.mean(1, keepdims=True)
+    theirs = _TheirSide(learner)
+    assert_close(theirs.call(layer.forward, theirs.array(x, "x")), ref, rtol=1e-9, atol=1e-10, call=f"{call}: forward",
+                 mistakes={BIASED: centered / np.sqrt(x.var(1, ddof=1, keepdims=True) + 1e-5) * gamma + beta,
+                           EPS_INSIDE: centered / (np.sqrt(x.var(1, keepdims=True)) + 1e-5) * gamma + beta})
     rstd = 1 / np.sqrt(x.var(1, keepdims=True) + 1e-5)
-    assert_close(layer.backward(dout), dx, rtol=1e-8, atol=1e-10, call=f"{call}: backward -> dx",
-                 mistakes={"the mean and variance depend on x too: dx needs the two mean terms":
-                           dout * gamma * rstd})
+    assert_close(theirs.call(layer.backward, theirs.array(dout, "dout")), dx, rtol=1e-8, atol=1e-10,
+                 call=f"{call}: backward -> dx", mistakes={MEAN_TERMS: dout * gamma * rstd})
+    theirs.check_unchanged(call)
     grads = layer.grads
     assert_close(grads["gamma"], dgamma, rtol=1e-9, atol=1e-10, call=f"{call}: grads['gamma']")
     assert_close(grads["beta"], dbeta, rtol=1e-9, atol=1e-10, call=f"{call}: grads['beta']")
@@ -135,10 +178,13 @@ def test_cross_entropy_against_torch(learner, rng):
     n, c = int(rng.integers(3, 9)), int(rng.integers(2, 6))
     logits = rng.normal(size=(n, c)) * 3
     labels = rng.integers(0, c, size=n)
+    logits[0, :2] = logits[0].max() + 1.0  # a tie for the row's maximum
     t = torch.tensor(logits, requires_grad=True)
     ref = F.cross_entropy(t, torch.tensor(labels))
     ref.backward()
-    loss, grad = layers.softmax_cross_entropy(logits, labels)
+    theirs = _TheirSide(learner)
+    loss, grad = theirs.call(layers.softmax_cross_entropy, theirs.array(logits, "logits"), theirs.array(labels, "labels"))
+    theirs.check_unchanged(f"softmax_cross_entropy(logits[{n},{c}], labels[{n}])")
     assert_close(loss, ref.item(), rtol=1e-10, call=f"softmax_cross_entropy(logits[{n},{c}])",
                  mistakes={"the loss is the mean over rows, not the sum": ref.item() * n})
     assert_close(grad, t.grad.numpy(), rtol=1e-9, atol=1e-12, call=f"softmax_cross_entropy(logits[{n},{c}]) gradient",
@@ -156,30 +202,59 @@ def test_cross_entropy_extreme_logits(learner, rng, scale):
     ref.backward()
     loss, grad = layers.softmax_cross_entropy(logits, labels)
     assert_close(loss, ref.item(), rtol=1e-9, call=f"softmax_cross_entropy(logits of size ~{scale:g})",
-                 hint="subtract each row's maximum before exp: exp(1000) is inf in float64")
+                 hint="subtract each row's maximum before exp (exp(1000) is inf in float64), and compute log p as "
+                      "shifted - log(sum(exp(shifted))): log of a probability that underflowed to 0 is -inf")
     assert_close(grad, t.grad.numpy(), rtol=1e-8, atol=1e-12, call=f"gradient at logits of size ~{scale:g}")
+
+
+def _adam(start, grads, lr, betas, eps, bias_correction=True, eps_inside=False):
+    """Adam with one of two classic mistakes, run here (for the hints)."""
+    p = {k: v.copy() for k, v in start.items()}
+    m, v = ({k: np.zeros_like(a) for k, a in p.items()} for _ in range(2))
+    for t, g in enumerate(grads, start=1):
+        for k in p:
+            m[k] = betas[0] * m[k] + (1 - betas[0]) * g[k]
+            v[k] = betas[1] * v[k] + (1 - betas[1]) * g[k] ** 2
+            m_hat = m[k] / (1 - betas[0] ** t) if bias_correction else m[k]
+            v_hat = v[k] / (1 - betas[1] ** t) if bias_correction else v[k]
+            p[k] -= lr * m_hat / (np.sqrt(v_hat + eps) if eps_inside else np.sqrt(v_hat) + eps)
+    return p
 
 
 @pytest.mark.group("training")
 def test_adam_matches_torch(learner, rng):
+    """Step by step against torch.optim.Adam, with b's gradients tiny (where the place of eps
+    decides the step).  The arrays in the layer's params must be updated in place: the test keeps
+    a reference to them on the learner's side and reads them after the steps."""
     layers = learner.module("layers")
     layer = layers.Linear(3, 4, learner.lib("numpy").random.default_rng(int(rng.integers(1 << 30))))
-    lr, betas = 0.05, (0.8, 0.95)
+    lr, betas, eps = 0.05, (0.8, 0.95), 1e-8
     start = {"W": rng.normal(size=(3, 4)) / np.sqrt(3), "b": rng.normal(size=4)}
+    grads = [{"W": rng.normal(size=(3, 4)), "b": rng.normal(size=4) * 1e-7} for _ in range(3)]
     layer.params = {k: v.copy() for k, v in start.items()}
-    W, b = torch.tensor(start["W"], requires_grad=True), torch.tensor(start["b"], requires_grad=True)
-    torch_opt = torch.optim.Adam([W, b], lr=lr, betas=betas, eps=1e-8)
-    opt = layers.Adam([layer], lr, betas, 1e-8)
-    for step in range(1, 4):
-        gW, gb = rng.normal(size=(3, 4)), rng.normal(size=4)
-        layer.grads = {"W": gW, "b": gb}
+    getattr_there, getitem_there = learner.lib("builtins").getattr, learner.lib("operator").getitem
+    params_there = learner.harness("call_stored", getattr_there, [layer, "params"])
+    arrays_there = {k: learner.harness("call_stored", getitem_there, [params_there, k]) for k in start}
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in start.items()}
+    torch_opt = torch.optim.Adam(list(tensors.values()), lr=lr, betas=betas, eps=eps)
+    opt = layers.Adam([layer], lr, betas, eps)
+    call = f"Adam(lr={lr}, betas={betas}, eps={eps})"
+    for step, g in enumerate(grads, start=1):
+        layer.grads = {k: v.copy() for k, v in g.items()}
         opt.step()
-        W.grad, b.grad = torch.tensor(gW), torch.tensor(gb)
+        for k, t in tensors.items():
+            t.grad = torch.tensor(g[k])
         torch_opt.step()
         params = layer.params
-        assert_close(params["W"], W.detach().numpy(), rtol=1e-9, atol=1e-12, call=f"W after Adam step {step}",
-                     hint="Adam divides m and v by (1 - beta ** t) (bias correction), with t counting from 1")
-        assert_close(params["b"], b.detach().numpy(), rtol=1e-9, atol=1e-12, call=f"b after Adam step {step}")
+        for k in ("b", "W"):
+            assert_close(params[k], tensors[k].detach().numpy(), rtol=1e-9, atol=1e-12,
+                         call=f"{call}: params['{k}'] after step {step}",
+                         mistakes={BIAS_CORRECTION: _adam(start, grads[:step], lr, betas, eps, bias_correction=False)[k],
+                                   EPS_OUTSIDE: _adam(start, grads[:step], lr, betas, eps, eps_inside=True)[k]})
+    for k, there in arrays_there.items():
+        assert_close(learner.harness("fetch", there), tensors[k].detach().numpy(), rtol=1e-9, atol=1e-12,
+                     call=f"{call}: the array that was params['{k}'] before the steps, after them",
+                     hint="update each parameter in place (param -= ...): whoever holds the array sees the step")
 
 
 def _spirals(n_per_class: int, n_classes: int, rng: np.random.Generator):
@@ -210,23 +285,86 @@ def test_training_reaches_95_percent(learner, rng, record_property):
                             "it should reach 95% (check train(): shuffle each epoch, and call optimizer.step())")
 
 
+# The classic mistakes of train()'s loop, each replayed by _replay (for the hints).
+LOOP_MISTAKES = {
+    "no_shuffle": "shuffle every epoch: order = rng.permutation(len(x)), then take the batches in that order",
+    "shuffle_once": "draw a new permutation at the start of every epoch, not once before the loop",
+    "drop_last": "train on the last, shorter batch too: for start in range(0, len(x), batch_size)",
+    "step_first": "call model.backward(dlogits) before optimizer.step(): the step uses the gradients backward wrote",
+    "no_step": "call optimizer.step() once per batch, after model.backward(dlogits): your weights did not move",
+    "last_loss": "each epoch's loss is the mean of its batch losses, not the last batch's loss",
+    "weighted": "each epoch's loss is the plain mean of its batch losses (np.mean), not weighted by batch size",
+}
+
+
+def _replay(sizes, weights, x, y, epochs, batch_size, seed, lr, mistake=None):
+    """train() with SGD(lr), replayed here from the same weights with the same shuffling rng: the
+    reference train() (mistake None), or the loop with one classic mistake.  Returns (the
+    weights after, the history)."""
+    model = REFERENCE.MLP(sizes, np.random.default_rng(0))
+    for layer, p in zip([layer for layer in model.layers if layer.params], weights):
+        layer.params = {k: v.copy() for k, v in p.items()}
+    opt, rng = REFERENCE.SGD(model.layers, lr), np.random.default_rng(seed)
+    if mistake is None:
+        history = REFERENCE.train(model, opt, x, y, epochs, batch_size, rng)
+    else:
+        history, once = [], rng.permutation(len(x)) if mistake == "shuffle_once" else None
+        for _ in range(epochs):
+            order = {"no_shuffle": np.arange(len(x)), "shuffle_once": once}.get(mistake)
+            order = rng.permutation(len(x)) if order is None else order
+            ends = len(x) - batch_size + 1 if mistake == "drop_last" else len(x)
+            losses, counts = [], []
+            for start in range(0, ends, batch_size):
+                batch = order[start : start + batch_size]
+                loss, dlogits = REFERENCE.softmax_cross_entropy(model.forward(x[batch]), y[batch])
+                if mistake == "step_first":
+                    opt.step()
+                model.backward(dlogits)
+                if mistake not in ("step_first", "no_step"):
+                    opt.step()
+                losses.append(loss)
+                counts.append(len(batch))
+            history.append({"last_loss": losses[-1], "weighted": np.average(losses, weights=counts)}.get(mistake, np.mean(losses)))
+    return [layer.params for layer in model.layers if layer.params], [float(h) for h in history]
+
+
+def _flat(weights) -> np.ndarray:
+    return np.concatenate([np.ravel(p[k]) for p in weights for k in ("W", "b")])
+
+
 @pytest.mark.group("training")
-def test_train_returns_falling_losses(learner, rng, record_property):
-    """train() must return one loss per epoch, falling, and leave weights that fit the data: their
-    loss, computed here by the reference MLP, must be under 0.55 (the solution: at most 0.37 on 100
-    draws, median 0.26; no constant guess does better than log 2 = 0.69 on two balanced classes)."""
+def test_train_replays_the_loop(learner, rng, record_property):
+    """train() with SGD from weights made here, shuffled by an rng seeded here: the weights it
+    leaves (fetched) and the losses it returns must be those of the reference train() replayed
+    here from the same weights and seed.  Judged on the fetched weights, so a train() that only
+    returns falling numbers, or weights fitted beforehand, earns nothing; and a loop that differs
+    (no shuffle, the last partial batch skipped, step before backward, np.random instead of rng)
+    ends elsewhere.  100 points in batches of 32: the last batch has 4."""
     layers = learner.module("layers")
-    np_lib = learner.lib("numpy")
+    sizes, epochs, batch_size, lr = [2, 16, 2], 12, 32, 0.5
     x, y = _spirals(50, 2, rng)
-    model = layers.MLP([2, 32, 2], np_lib.random.default_rng(int(rng.integers(1 << 30))))
-    history = layers.train(model, layers.SGD(model.layers, 0.5), x, y, 20, 25, np_lib.random.default_rng(2))
-    check(isinstance(history, list) and len(history) == 20, f"train(..., epochs=20) should return 20 losses, got {history!r:.80}")
-    check(history[-1] < history[0], f"the loss did not fall over 20 epochs of SGD: {history[0]:.3f} -> {history[-1]:.3f}")
-    trained = _get_weights(model, REFERENCE.MLP([2, 32, 2], np.random.default_rng(0)), "train()")
-    loss = REFERENCE.softmax_cross_entropy(trained.forward(x), y)[0]
-    record_property("figures", f"reported losses {history[0]:.3f} -> {history[-1]:.3f}; loss of the trained weights "
-                               f"{loss:.3f} (computed by the grader)")
-    check(loss < 0.55, f"after 20 epochs of SGD(lr=0.5) the weights train() left have a loss of {loss:.3f} on the "
-                       f"training data (computed by the grader; your train() reported {history[-1]:.3f}); it should "
-                       "be under 0.55 (the solution reaches 0.26). Check that each batch runs forward, the loss, "
-                       "backward and optimizer.step()")
+    start = [{"W": rng.normal(size=(a, b)) / np.sqrt(a), "b": rng.normal(size=b) * 0.1} for a, b in zip(sizes, sizes[1:])]
+    seed = int(rng.integers(1 << 30))
+    made = iter(start)
+    per_layer = [next(made) if layer.params else {} for layer in REFERENCE.MLP(sizes, np.random.default_rng(0)).layers]
+    model = layers.MLP(sizes, learner.lib("numpy").random.default_rng(0))
+    _set_weights(model, per_layer, f"MLP({sizes})")
+    history = layers.train(model, layers.SGD(model.layers, lr), x, y, epochs, batch_size,
+                           learner.lib("numpy").random.default_rng(seed))
+    call = f"train(MLP({sizes}), SGD(lr={lr}), x[{len(x)},2], y, epochs={epochs}, batch_size={batch_size}, rng)"
+    check(isinstance(history, list) and len(history) == epochs,
+          f"{call} should return a list of {epochs} floats (one per epoch), got {history!r:.80}")
+    trained = _get_weights(model, REFERENCE.MLP(sizes, np.random.default_rng(0)), "train()")
+    got = _flat([layer.params for layer in trained.layers if layer.params])
+    want_weights, want_history = _replay(sizes, start, x, y, epochs, batch_size, seed, lr)
+    replays = {hint: _replay(sizes, start, x, y, epochs, batch_size, seed, lr, m) for m, hint in LOOP_MISTAKES.items()}
+    record_property("figures", f"reported losses {history[0]:.3f} -> {history[-1]:.3f}; the replay's "
+                               f"{want_history[0]:.3f} -> {want_history[-1]:.3f}")
+    assert_close(got, _flat(want_weights), rtol=1e-7, atol=1e-9,
+                 call=f"{call}: the weights it left (all W and b, flattened), against the loop replayed by the grader",
+                 mistakes={hint: _flat(w) for hint, (w, _) in replays.items()},
+                 hint="follow the handout's loop exactly: shuffle with the rng you are given (not np.random), batches "
+                      "in that order, then forward, softmax_cross_entropy, model.backward, optimizer.step")
+    assert_close(history, want_history, rtol=1e-7, atol=1e-9, call=f"{call}: the losses it returned",
+                 mistakes={hint: h for hint, (_, h) in replays.items()},
+                 hint="return one number per epoch: the mean of that epoch's batch losses")

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -17,6 +17,9 @@ from autograder.checks import assert_close, check
 # float64 throughout Parts A-B: any correct order of operations agrees with torch to ~1e-15; the
 # tolerances below leave room for a different summation order, not for a different formula.
 EXACT = dict(rtol=1e-9, atol=1e-11)
+# Shown instead of the other hints when NaN appears: a row whose keys are all masked has max -inf.
+NAN_MASKED = ("a row whose keys are all masked must give zeros, not NaN: shift it by 0 instead of its max (-inf), "
+              "and divide by 1 where the sum of its weights is 0")
 
 
 def reference_sdpa(q, k, v, mask=None, is_causal=False, enable_gqa=False):
@@ -63,6 +66,11 @@ def _randn(gen, *shape, dtype=torch.float64):
 @given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), n_q=st.integers(2, 9), n_k=st.integers(2, 9),
        d=st.sampled_from([8, 3, 16, 1]), d_v=st.integers(1, 6), kind=st.sampled_from(["both", "mask", "causal", "none"]),
        draw=st.integers(0, 2**16))
+# Cases the strategy reaches rarely, always tried: two batch dimensions with both masks and n_q < n_k;
+# one query (a decoding step: causal top-left, it sees key 0 only); more queries than keys, d = 1.
+@example(lead=[2, 3], n_q=3, n_k=9, d=8, d_v=5, kind="both", draw=0)
+@example(lead=[], n_q=1, n_k=6, d=16, d_v=2, kind="causal", draw=1)
+@example(lead=[3], n_q=9, n_k=2, d=1, d_v=1, kind="both", draw=2)
 def test_sdpa_against_math_backend(learner, seed, lead, n_q, n_k, d, d_v, kind, draw):
     attention = learner.module("attention")
     gen = torch.Generator().manual_seed(seed ^ draw)
@@ -75,8 +83,9 @@ def test_sdpa_against_math_backend(learner, seed, lead, n_q, n_k, d, d_v, kind, 
     got = attention.scaled_dot_product_attention(q, k, v, mask, is_causal)
     assert_close(got, reference_sdpa(q, k, v, mask, is_causal), **EXACT,
                  call=f"scaled_dot_product_attention(q{list(q.shape)}, k{list(k.shape)}, v{list(v.shape)}, "
-                      f"mask={'None' if mask is None else list(mask.shape)}, is_causal={is_causal})",
-                 mistakes=sdpa_mistakes(q, k, v, mask, is_causal))
+                      f"mask={'None' if mask is None else list(mask.shape)}, is_causal={is_causal}) (float64 randn, "
+                      f"mask = rand < 0.6 with key 0 kept, from torch.Generator().manual_seed({seed ^ draw}))",
+                 mistakes=sdpa_mistakes(q, k, v, mask, is_causal), nan_hint=NAN_MASKED)
 
 
 @pytest.mark.group("sdpa")
@@ -88,7 +97,8 @@ def test_batch_dimensions_and_broadcast_masks(learner, torch_gen):
     got = attention.scaled_dot_product_attention(q, k, v, mask)
     assert_close(got, reference_sdpa(q, k, v, mask), **EXACT,
                  call="scaled_dot_product_attention(q[2,3,4,6,8], k[2,3,4,5,8], v[2,3,4,5,7], mask[2,1,1,1,5])",
-                 hint="every dimension before the last two is a batch dimension; the mask broadcasts like any tensor")
+                 hint="every dimension before the last two is a batch dimension; the mask broadcasts like any tensor",
+                 nan_hint=NAN_MASKED)
 
 
 @pytest.mark.group("sdpa")
@@ -100,11 +110,12 @@ def test_fully_masked_rows_are_zero(learner, torch_gen):
     mask[0, 1] = False
     mask[1, 4] = False
     got = attention.scaled_dot_product_attention(q, k, v, mask)
-    check(isinstance(got, torch.Tensor) and not torch.isnan(got).any(),
-          "rows whose keys are all masked came back as NaN: the course's contract is zeros (shift such a row "
-          "by 0 instead of its max, -inf, and divide by 1 where the sum of weights is 0)")
-    assert_close(got, reference_sdpa(q, k, v, mask), **EXACT, call="scaled_dot_product_attention with two fully-masked rows")
+    assert_close(got, reference_sdpa(q, k, v, mask), **EXACT, nan_hint=NAN_MASKED, mistakes=sdpa_mistakes(q, k, v, mask),
+                 call="scaled_dot_product_attention(q[2,6,8], k[2,5,8], v[2,5,4], mask[2,6,5] with rows [0,1] and [1,4] "
+                      "all False)")
     weights = attention.masked_softmax(_randn(torch_gen, 2, 6, 5), mask)
+    check(isinstance(weights, torch.Tensor) and not torch.isnan(weights).any(),
+          f"masked_softmax(scores[2,6,5], mask) with rows [0,1] and [1,4] all masked gave NaN\nHint: {NAN_MASKED}")
     check(torch.equal(weights[0, 1], torch.zeros(5, dtype=torch.float64)) and torch.all(weights[~mask] == 0),
           "masked_softmax must give weight exactly 0 to masked keys, and an all-zero row when every key is masked")
 
@@ -135,7 +146,7 @@ def test_causal(learner, torch_gen, n_q, n_k):
     q, k, v = _randn(torch_gen, 2, n_q, 4), _randn(torch_gen, 2, n_k, 4), _randn(torch_gen, 2, n_k, 3)
     assert_close(attention.scaled_dot_product_attention(q, k, v, None, True), reference_sdpa(q, k, v, is_causal=True),
                  **EXACT, call=f"scaled_dot_product_attention(q[2,{n_q},4], k[2,{n_k},4], v, is_causal=True)",
-                 mistakes=sdpa_mistakes(q, k, v, None, True))
+                 mistakes=sdpa_mistakes(q, k, v, None, True), nan_hint=NAN_MASKED)
 
 
 @pytest.mark.group("sdpa")
@@ -143,12 +154,85 @@ def test_stable_with_huge_scores(learner, torch_gen):
     attention = learner.module("attention")
     q = _randn(torch_gen, 2, 5, 8, dtype=torch.float32) * 300  # scores ~ 1e5: exp overflows float32 at 89
     k, v = _randn(torch_gen, 2, 6, 8, dtype=torch.float32) * 30, _randn(torch_gen, 2, 6, 4, dtype=torch.float32)
+    # Queries 1 and 3 score every key far below zero (about -3000 and less): exp(score - 0) is 0 in any
+    # float type below about -104 (float32) or -745 (float64), so a shift that is not the row's max
+    # (0, or a max clamped at 0) leaves 0 / 0.  Built on purpose: random rows get there only by chance.
+    k[..., 0] = 30 + k[..., 0].abs()
+    q[:, 1::2, 1:] /= 100
+    q[:, 1::2, 0] = -300 - q[:, 1::2, 0].abs()
     got = attention.scaled_dot_product_attention(q, k, v, None, True)
     want = reference_sdpa(q.double(), k.double(), v.double(), is_causal=True)
     # float32 inputs, near-one-hot weights: each output is ~one value of v, rounded once or twice.
     assert_close(got, want, rtol=1e-4, atol=1e-4, dtype=torch.float32,
-                 call="scaled_dot_product_attention(float32 q, k with scores ~1e5, is_causal=True)",
-                 hint="subtract each row's largest score before exp: exp(1e5) is inf in any float type")
+                 call="scaled_dot_product_attention(float32 q[2,5,8], k[2,6,8] with scores ~1e5, queries 1 and 3 "
+                      "scoring every key below -1000, is_causal=True)",
+                 hint="subtract each row's largest score before exp: exp(1e5) is inf in any float type, and exp(-1000) "
+                      "is 0: shifted by anything but its max, such a row ends in 0 / 0",
+                 nan_hint="subtract each row's own max, even when it is far below 0: exp(-1000 - 0) is 0, and 0 / 0 is NaN")
+
+
+# bf16 on the CPU (the GPU tests are graded only where there is a GPU).  Part A computes q k^T in the
+# inputs' dtype (a bf16 matmul: float32 accumulation, the result rounded to bf16), then the softmax in
+# float32, the weights cast to bf16 for "@ v"; float32 scores are accepted too (torch's MATH backend
+# upcasts).  The tolerance follows from bf16's 8 significant bits (a relative step of 2^-8): scores
+# of order 3 are rounded by up to ~0.01, which moves the weights by ~1%, and the output, a convex
+# combination of values of v ~ N(0, 1), by a few steps of |v| <= ~4 (the GPU test's tolerance).
+BF16_TOL = dict(rtol=2e-2, atol=3e-2)
+
+
+@pytest.mark.group("sdpa")
+def test_sdpa_bfloat16_on_cpu(learner, torch_gen):
+    attention = learner.module("attention")
+    q, k, v = (_randn(torch_gen, 2, 4, 64, 64, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.rand(2, 1, 1, 64, generator=torch_gen) < 0.8
+    mask[..., 0] = True
+    got = attention.scaled_dot_product_attention(q, k, v, mask, True)
+    call = "scaled_dot_product_attention(q, k, v [2,4,64,64] bfloat16 on the CPU, mask[2,1,1,64], is_causal=True)"
+    check(isinstance(got, torch.Tensor) and got.dtype == torch.bfloat16,
+          f"{call} returned {getattr(got, 'dtype', type(got).__name__)}; expected bfloat16 (v's dtype)")
+    assert_close(got.float(), reference_sdpa(q.float(), k.float(), v.float(), mask, True), **BF16_TOL, call=call,
+                 hint="compute the softmax in float32 (scores.float()), then cast the weights to v's dtype",
+                 nan_hint=NAN_MASKED)
+
+
+def _stored(learner, shape, dtype, seed):
+    """A tensor kept on the learner's side, and the same values rebuilt here (harness.random_stored)."""
+    here = (torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)).to(dtype)
+    return learner.harness("random_stored", list(shape), dtype, "cpu", seed), here
+
+
+def check_unchanged(learner, stored, sent, what, call):
+    """What a learner-side argument holds after the call, against what was sent."""
+    after = learner.harness("fetch", stored)
+    if sent.dtype == torch.bool:  # compared as numbers (assert_close subtracts)
+        after, sent = after.to(torch.int8) if isinstance(after, torch.Tensor) else after, sent.to(torch.int8)
+    assert_close(after, sent, rtol=0, atol=0, call=f"{what} after {call}",
+                 hint=f"{call} changed its argument {what} in place: work on new tensors (masked_fill, not "
+                      "masked_fill_; x - m, not x.sub_(m) or x -= m)")
+
+
+@pytest.mark.group("sdpa")
+def test_sdpa_leaves_its_inputs_unchanged(learner, seed):
+    """Each call runs on tensors kept on the learner's side, which are fetched afterwards: a function
+    that works in place on its arguments would look right on a copy sent across."""
+    attention = learner.module("attention")
+    torch_lib = learner.lib("torch")
+    (scores, scores_here), (q, q_here), (k, k_here), (v, v_here), (noise, noise_here) = (
+        _stored(learner, shape, torch.float64, seed + i)
+        for i, shape in enumerate([(2, 5, 7), (2, 5, 8), (2, 7, 8), (2, 7, 3), (2, 5, 7)]))
+    mask = learner.harness("call_stored", torch_lib.gt, [noise, -0.5])  # a bool tensor kept there too
+    mask_here = noise_here > -0.5
+    call = "masked_softmax(scores[2,5,7], mask[2,5,7])"
+    out = learner.harness("fetch", learner.harness("call_stored", attention.masked_softmax, [scores, mask]))
+    assert_close(out, torch.softmax(scores_here.masked_fill(~mask_here, float("-inf")), -1).nan_to_num(), **EXACT,
+                 call=call, nan_hint=NAN_MASKED)
+    check_unchanged(learner, scores, scores_here, "scores", call)
+    check_unchanged(learner, mask, mask_here, "mask", call)
+    call = "scaled_dot_product_attention(q[2,5,8], k[2,7,8], v[2,7,3], mask[2,5,7], is_causal=True)"
+    out = learner.harness("fetch", learner.harness("call_stored", attention.scaled_dot_product_attention, [q, k, v, mask, True]))
+    assert_close(out, reference_sdpa(q_here, k_here, v_here, mask_here, True), **EXACT, call=call, nan_hint=NAN_MASKED)
+    for stored, here, name in [(q, q_here, "q"), (k, k_here, "k"), (v, v_here, "v"), (mask, mask_here, "mask")]:
+        check_unchanged(learner, stored, here, name, call)
 
 
 # --- Part B ----------------------------------------------------------------------------------
@@ -266,26 +350,6 @@ def test_split_and_merge_heads(learner, torch_gen):
                  hint="merge_heads undoes split_heads: transpose(1, 2) then reshape(b, t, heads * head_dim)")
 
 
-@pytest.mark.group("mha")
-def test_mha_with_rope(learner, torch_gen):
-    attention = learner.module("attention")
-    b, t, e, h, kv = 2, 6, 32, 4, 2
-    W, bias, W_o, b_o = _weights(torch_gen, e, h, kv)
-    mine = attention.MultiHeadAttention(e, h, kv, causal=True, rope=True).double()
-    mine.load_state_dict({"qkv.weight": W, "qkv.bias": bias, "out.weight": W_o, "out.bias": b_o})
-    x = _randn(torch_gen, b, t, e)
-    default = torch.arange(t)
-    assert_close(mine(x), _mha_reference(x, W, bias, W_o, b_o, h, kv, None, True, default), **EXACT,
-                 call=f"MultiHeadAttention({e}, {h}, {kv}, causal=True, rope=True)(x[{b},{t},{e}])",
-                 mistakes={"positions start at 0 (the default is arange(t))":
-                           _mha_reference(x, W, bias, W_o, b_o, h, kv, None, True, default + 1)},
-                 hint="RoPE rotates q and k (not v) after split_heads, before repeat_kv")
-    offsets = torch.randint(0, 50, (b, 1), generator=torch_gen)
-    positions = offsets + torch.arange(t)
-    assert_close(mine(x, None, positions), _mha_reference(x, W, bias, W_o, b_o, h, kv, None, True, positions), **EXACT,
-                 call=f"the same module with positions[{b},{t}] (each sequence at its own offset)")
-
-
 # --- Part C ----------------------------------------------------------------------------------
 
 
@@ -341,6 +405,21 @@ def test_apply_rope_against_hf_llama(learner, torch_gen, dtype, per_sequence):
 
 
 @pytest.mark.group("rope")
+def test_apply_rope_leaves_x_unchanged(learner, seed):
+    """apply_rope on a tensor kept on the learner's side, fetched afterwards (see the sdpa test)."""
+    attention = learner.module("attention")
+    x, x_here = _stored(learner, (2, 3, 5, 8), torch.float64, seed)
+    positions = torch.tensor([[0, 2, 3, 7, 11], [5, 6, 7, 8, 9]])
+    call = "apply_rope(x[2,3,5,8], positions[2,5])"
+    out = learner.harness("fetch", learner.harness("call_stored", attention.apply_rope, [x, positions]))
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = _rope_oracle(positions, 8)
+    assert_close(out, apply_rotary_pos_emb(x_here, x_here, cos, sin)[0], **EXACT, call=call)
+    check_unchanged(learner, x, x_here, "x", call)
+
+
+@pytest.mark.group("rope")
 def test_rope_scores_depend_on_relative_position(learner, torch_gen):
     attention = learner.module("attention")
     q, k = _randn(torch_gen, 1, 1, 6, 32), _randn(torch_gen, 1, 1, 6, 32)
@@ -351,3 +430,32 @@ def test_rope_scores_depend_on_relative_position(learner, torch_gen):
     assert_close(shifted, scores, rtol=1e-9, atol=1e-9, call=f"RoPE scores q.k with every position moved by {shift}",
                  hint="rotating q and k by angles that depend on position makes q.k depend only on their distance; "
                       "rotate each (i, i + head_dim/2) pair by the same angle in both")
+
+
+# --- Part B with Part C: after the RoPE tests, so that a RoPE mistake is named there first ----------
+
+
+@pytest.mark.group("mha")
+def test_mha_with_rope(learner, torch_gen):
+    attention = learner.module("attention")
+    b, t, e, h, kv = 2, 6, 32, 4, 2
+    W, bias, W_o, b_o = _weights(torch_gen, e, h, kv)
+    mine = attention.MultiHeadAttention(e, h, kv, causal=True, rope=True).double()
+    mine.load_state_dict({"qkv.weight": W, "qkv.bias": bias, "out.weight": W_o, "out.bias": b_o})
+    x = _randn(torch_gen, b, t, e)
+    default = torch.arange(t)
+    # Attention with RoPE on both q and k depends only on position differences: moving every position
+    # by the same amount changes nothing here (rope_cos_sin and apply_rope are tested on absolute
+    # positions below).  Positions with uneven gaps tell whether the given positions are used at all.
+    ignored = _mha_reference(x, W, bias, W_o, b_o, h, kv, None, True, default)
+    assert_close(mine(x), ignored, **EXACT,
+                 call=f"MultiHeadAttention({e}, {h}, {kv}, causal=True, rope=True)(x[{b},{t},{e}])",
+                 hint="RoPE rotates q and k (not v) after split_heads, before repeat_kv")
+    uneven = {"positions[t]": torch.tensor([0, 3, 4, 9, 10, 17]),
+              f"positions[{b},{t}]": torch.stack([torch.randperm(200, generator=torch_gen)[:t].sort().values for _ in range(b)])}
+    for name, positions in uneven.items():
+        assert_close(mine(x, None, positions), _mha_reference(x, W, bias, W_o, b_o, h, kv, None, True, positions), **EXACT,
+                     call=f"the same module with {name} = {positions.tolist()}",
+                     mistakes={"forward must rotate q and k to the positions it is given ([t] or [b, t]); arange(t) is "
+                               "only the default": ignored},
+                     hint="positions [b, t] belong to x [b, heads, t, d]: insert the heads axis into cos and sin")

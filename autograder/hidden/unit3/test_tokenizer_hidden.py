@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import regex
 import tiktoken
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from autograder.checks import check
@@ -104,10 +104,51 @@ def trained(learner, seed: int, specials=(EOT,)):
 
 
 def first_difference(got, want, tok_decode) -> str:
+    """Where two id lists part: the first id that differs, what both mean, and the text around it."""
     for k, (a, b) in enumerate(zip(got, want)):
         if a != b:
-            return f"id {k} is {a} ({tok_decode([a])!r}), expected {b} ({tok_decode([b])!r})"
-    return f"{len(got)} ids, expected {len(want)}"
+            return (f"id {k} is {a} ({tok_decode([a])!r}), expected {b} ({tok_decode([b])!r}), in the text "
+                    f"{tok_decode(want[max(0, k - 4):k + 4])!r} (the {k} ids before agree)")
+    if len(got) > len(want):
+        return f"{len(got)} ids, expected {len(want)}: the extra ids from {len(want)} on decode to {tok_decode(got[len(want):][:8])!r}"
+    return (f"{len(got)} ids, expected {len(want)}: the ids from {len(got)} on are missing (they decode to "
+            f"{tok_decode(want[len(got):][:8])!r})")
+
+
+def round_trip(tok, text: str):
+    """decode(encode(text)) on the learner's side; an error stands for itself."""
+    try:
+        return tok.decode(tok.encode(text))
+    except Exception as error:
+        return f"<{type(error).__name__}>"
+
+
+def shortest_failing(text: str, fails, budget: int = 300) -> str:
+    """A short piece of ``text`` on which ``fails`` still holds: drop ever smaller slices while it
+    keeps failing (delta debugging), at most ``budget`` tries."""
+    parts = 2
+    while len(text) > 1 and budget > 0:
+        size = max(1, len(text) // parts)
+        for start in range(0, len(text), size):
+            budget -= 1
+            smaller = text[:start] + text[start + size:]
+            if smaller and fails(smaller):
+                text, parts = smaller, max(parts - 1, 2)
+                break
+            if budget <= 0:
+                break
+        else:
+            if size == 1:
+                break
+            parts = min(2 * parts, len(text))
+    return text
+
+
+def first_position(got: str, want: str) -> str:
+    """The first character where two strings differ, and both around it."""
+    k = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return (f"they differ first at character {k}: got {got[max(0, k - 8):k + 8]!r}, expected "
+            f"{want[max(0, k - 8):k + 8]!r} (lengths {len(got)} and {len(want)})")
 
 
 def digest(ids) -> int:
@@ -135,7 +176,7 @@ def check_ids(got, want, oracle, call: str, hint: str = "") -> None:
 def test_encode_matches_tiktoken_on_secret_corpus(learner, seed):
     oracle, tok = trained(learner, seed)
     text = learner.course("corpus").generate(40_000, seed + 1)
-    check_ids(tok.encode(text), oracle.encode(text), oracle, "encode(a generated 40 KB text)",
+    check_ids(tok.encode(text), oracle.encode(text), oracle, f"encode(corpus.generate(40_000, seed={seed + 1}))",
               hint="pre-tokenize with the GPT-2 regex; inside a pre-token merge the pair of lowest rank first")
 
 
@@ -176,10 +217,18 @@ def test_overlapping_special_tokens_longest_first(learner, seed):
 @pytest.mark.group("decode")
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(text=st.text(max_size=40))
+@example(text="")  # empty input: no ids, and back to ""
+@example(text="a\x1c\x1d \x85\xa0\u2028x")  # str.isspace() says \x1c is whitespace, the pattern's \s does not
+@example(text="we'll  \r\n\r\n\tok 🙂👨\u200d👩\u200d👧")
 def test_round_trip_arbitrary_unicode(learner, seed, text):
     _, tok = trained(learner, seed)
     back = tok.decode(tok.encode(text))
-    check(back == text, f"decode(encode({text!r})) gave {back!r}")
+    if back == text:
+        return
+    # Hypothesis shrinks the texts it draws, not the @examples: shrink here too, by the learner's own round trip.
+    short = shortest_failing(text, lambda piece: round_trip(tok, piece) != piece)
+    check(False, f"decode(encode(text)) != text: the shortest failing text found is {short!r} (decode(encode(it)) "
+          f"gave {round_trip(tok, short)!r}); in text = {text!r}, {first_position(back, text)}")
 
 
 @pytest.mark.group("decode")
@@ -188,8 +237,8 @@ def test_decode_random_ids_with_invalid_utf8(learner, seed, rng):
     for _ in range(3):
         ids = [int(i) for i in rng.integers(0, len(oracle.vocab), size=200)]
         got, want = tok.decode(ids), oracle.decode(ids)
-        check(got == want, f"decode of 200 random ids differs from joining their bytes and decoding with "
-              f"errors='replace' (got {got[:60]!r}..., expected {want[:60]!r}...)")
+        check(got == want, f"decode(ids) of 200 random ids (ids = {ids[:12]}..., numpy seed {seed}) differs from "
+              f"joining their bytes and decoding with errors='replace': {first_position(got, want)}")
 
 
 @pytest.mark.group("decode")
@@ -215,6 +264,100 @@ def test_save_load_round_trip(learner, seed):
 
 # --- C. streaming ---------------------------------------------------------------------------------
 
+SPACE_RE = regex.compile(r"\s")
+GPT2_RE = regex.compile(GPT2_PATTERN)
+
+
+def split_specials(text: str, specials: list[str]) -> list[str]:
+    if not specials:
+        return [text] if text else []
+    pattern = "(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")"
+    return [piece for piece in regex.split(pattern, text) if piece]
+
+
+def replay_stream(oracle: Oracle, chunks: list[str], *, two_pretokens=True, whitespace=True, partial_special=True,
+                  whole_special=True) -> list[int]:
+    """The ids the recipe of the handout's section 6 gives (its steps 1-4), here, each step on or off:
+    with every step on it is right; with one off it is that step's known mistake, whose ids name it."""
+    specials = oracle.specials
+    longest = max(map(len, specials), default=0)
+
+    def stable_prefix(buffer: str) -> int:
+        hold = len(buffer)
+        if partial_special:  # 1. an end of the buffer that may become a special token
+            for k in range(min(longest - 1, len(buffer)), 0, -1):
+                if any(s.startswith(buffer[-k:]) and s != buffer[-k:] for s in specials):
+                    hold = len(buffer) - k
+                    break
+        if whole_special:  # 2. never inside a whole special token ("<|a|>" may end "<|a|><|a|>")
+            position = 0
+            for piece in split_specials(buffer, specials):
+                if piece in specials and position < hold < position + len(piece):
+                    hold = position
+                    break
+                position += len(piece)
+        pieces = split_specials(buffer[:hold], specials)
+        if not pieces or pieces[-1] in specials:
+            return hold
+        piece = pieces[-1]
+        starts = [m.start() for m in GPT2_RE.finditer(piece)]
+        kept = 2 if two_pretokens else 1  # 3. the last two pre-tokens
+        cut = starts[-kept] if len(starts) >= kept else 0
+        while whitespace and cut > 0 and SPACE_RE.match(piece, cut - 1):  # 4. and the whitespace before them
+            cut -= 1
+        return hold - len(piece) + cut
+
+    ids, buffer = [], ""
+    for chunk in chunks:
+        buffer += chunk
+        cut = stable_prefix(buffer)
+        ids += oracle.encode(buffer[:cut])
+        buffer = buffer[cut:]
+    return ids + oracle.encode(buffer)
+
+
+# The known mistakes of section 6, each as the step it leaves out and the hint it earns.
+STREAM_MISTAKES = [
+    (dict(two_pretokens=False), "hold back the last two pre-tokens, not one: whether a pre-token is final can depend "
+                                "on the two characters after it (\"'l\" + \"l\" is the contraction \"'ll\")"),
+    (dict(whitespace=False), "move the cut left past the whitespace before the pre-tokens you hold back: "
+                             "\"\\n\\n\" alone is one pre-token, but \"\\n\\nA\" gives \"\\n\", \"\\n\", \"A\""),
+    (dict(partial_special=False), "hold back an end of the buffer that may still become a special token "
+                                  "(\"...<|endof\" + \"text|>\")"),
+    (dict(whole_special=False), "never cut inside a whole special token of the buffer: the end \"<|a|>\" of "
+                                "\"<|a|><|a|>\" is also the beginning of the longer token; move the cut to the "
+                                "start of the whole token"),
+]
+STREAM_HINT = ("a chunk may end inside a word, a whitespace run or a special token: hold back the end of the buffer "
+               "(a possible start of a special token, the last two pre-tokens, the whitespace before them)")
+
+
+def stream_hint(oracle: Oracle, chunks: list[str], got, want: list[int]) -> str:
+    """The hint for encode_iterable's ids: the mistakes whose ids they are (computed here; where two
+    mistakes give the same ids, both are named), else the general one."""
+    if got == want or not isinstance(got, list):
+        return STREAM_HINT
+    hints = []
+    if got == [i for chunk in chunks for i in oracle.encode(chunk)]:
+        hints.append("you encoded each chunk on its own: a chunk boundary is not a pre-token boundary; keep a buffer")
+    hints += [hint for steps, hint in STREAM_MISTAKES if got == replay_stream(oracle, chunks, **steps)]
+    if "" in chunks and got == oracle.encode("".join(chunks[:chunks.index("")])):
+        hints.append("an empty chunk is not the end of the input: read until the iterable is exhausted")
+    return "\nHint: ".join(hints) or STREAM_HINT
+
+
+def check_stream(tok, oracle: Oracle, chunks: list[str], call: str) -> None:
+    """encode_iterable(chunks) against the oracle's ids of the whole text; on a failure, the hint of the
+    mistake the ids show, or, where the learner's own encode of the whole text is wrong too, that."""
+    got, want = list(tok.encode_iterable(chunks)), oracle.encode("".join(chunks))
+    if got == want:
+        return
+    whole = tok.encode("".join(chunks))
+    hint = (f"encode(the whole text) is wrong too ({first_difference(whole, want, oracle.decode)}): fix encode first"
+            if whole != want else stream_hint(oracle, chunks, got, want))
+    check_ids(got, want, oracle, call, hint=hint)
+
+
 @pytest.mark.group("stream")
 @FEW
 @given(parts=st.lists(st.sampled_from(PIECES + ["<|a|>", "<|a|><|a|>"]), max_size=30), data=st.data())
@@ -222,26 +365,58 @@ def test_encode_iterable_any_chunking(learner, seed, parts, data):
     specials = ["<|a|>", "<|a|><|a|>", EOT]
     oracle, tok = trained(learner, seed, specials)
     text = "".join(parts)
-    cuts = sorted(data.draw(st.sets(st.integers(0, len(text)), max_size=12)))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=12)))  # repeated cuts: empty chunks
     chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-    got = list(tok.encode_iterable(chunks))
-    check_ids(got, oracle.encode(text), oracle, f"encode_iterable({chunks!r})",
-              hint="a chunk may end inside a word, a whitespace run or a special token: hold back the end of the "
-                   "buffer (a possible start of a special token, the last pre-tokens, trailing whitespace)")
+    check_stream(tok, oracle, chunks, f"encode_iterable({chunks!r})")
+
+
+# Merges that make each step of section 6 show in the ids: two whitespace characters, the
+# contractions, "the".  Each case below is one that a recipe without its step gets wrong.
+STEP_MERGES = [(b"\n", b"\n"), (b"\t", b"\t"), (b" ", b"\n"), (b"l", b"l"), (b"'", b"ll"), (b"v", b"e"), (b"'", b"ve"),
+               (b"r", b"e"), (b"'", b"re"), (b"t", b"h"), (b"th", b"e"), (b" ", b"the")]
+STEP_CASES = {
+    # 4. the whitespace before the held-back pre-tokens ("\n\nA" -> "\n", "\n", "A"; "\n\n" alone is one)
+    "whitespace": ([["x\n\n", "A"], ["x\n\n\n", "A"], ["a \n\n", "b"], ["word\t\t", "\tX"], ["x\n\nA b", "c"],
+                    ["a \n\nb c", "d"], ["word\t\tX y", "z"], [" \n\nA b", "c"],
+                    ["x\n\nAb cd", "e"]], []),
+    # 3. two pre-tokens ("'l" + "l" is "'ll")
+    "contraction": ([["we'l", "l go"], ["you'v", "e been"], ["they'r", "e here"]], []),
+    # 1. a possible start of a special token
+    "special_token_cut": ([["the end.<|endof", "text|> the"], ["a<", "|endoftext|>b"], ["the end.<|endoftext|", "> the"]],
+                          [EOT]),
+    # 2. a special token that begins a longer one (and a cut into three pre-tokens: "<|", "a", "|")
+    "special_token_inside_a_longer_one": ([["<|a|><|a|>"], ["x<|a|>", "<|a|>y"], ["x<|a|><|a|><|a|", ">"], ["x<|a|><|a|", ">"],
+                                           ["x<|a|", ">y"]],
+                                          ["<|a|>", "<|a|><|a|>"]),
+    # empty input: no chunks, empty chunks
+    "empty_chunks": ([[], [""], ["", "the", "", " cat", ""], ["the", ""]], [EOT]),
+}
 
 
 @pytest.mark.group("stream")
-@pytest.mark.parametrize("chunks", [["x\n\n", "A"], ["x\n\n\n", "A"], ["a \n\n", "b"], ["word\t\t", "\tX"]])
-def test_encode_iterable_whitespace_run_cut_by_a_chunk(learner, chunks):
-    """A whitespace run splits by what follows it: "\n\n" + "A" is "\n", "\n", "A", so a chunk ending
-    in whitespace must not be encoded before the next one arrives.  Merges of two whitespace
-    characters make the difference visible in the ids."""
-    oracle = Oracle([(b"\n", b"\n"), (b"\t", b"\t"), (b" ", b"\n")], [])
+@pytest.mark.parametrize("step", list(STEP_CASES))
+def test_encode_iterable_each_step_of_the_recipe(learner, step):
+    """Chunks cut where one step of section 6 matters (a whitespace run, a contraction, a special token
+    cut in two, one that begins a longer one, empty chunks): the ids of the whole text."""
+    cases, specials = STEP_CASES[step]
+    oracle = Oracle(STEP_MERGES, specials)
     tok = oracle.learner_tokenizer(learner)
-    got = list(tok.encode_iterable(chunks))
-    check_ids(got, oracle.encode("".join(chunks)), oracle, f"encode_iterable({chunks!r}) with merges (\\n,\\n), (\\t,\\t), ( ,\\n)",
-              hint="hold back the whitespace just before the last pre-tokens too: it can split differently once "
-                   "the next chunk arrives")
+    for chunks in cases:
+        check_stream(tok, oracle, chunks, f"encode_iterable({chunks!r}) with special tokens {specials}")
+
+
+@pytest.mark.group("encode")
+def test_empty_text(learner, seed):
+    """encode("") and decode([]), then a short text each way: an answer right only on empty input earns nothing."""
+    oracle, tok = trained(learner, seed)
+    got = tok.encode("")
+    check(got == [], f"encode('') gave {got!r}; expected [] (no text, no ids)")
+    back = tok.decode([])
+    check(back == "", f"decode([]) gave {back!r}; expected ''")
+    text = f"the cat{EOT}"
+    check_ids(tok.encode(text), oracle.encode(text), oracle, f"encode({text!r})")
+    back = tok.decode(oracle.encode(text))
+    check(back == text, f"decode(the ids of {text!r}) gave {back!r}")
 
 
 @pytest.mark.group("stream")
@@ -276,8 +451,7 @@ def test_encode_iterable_file_lines(learner, seed):
     text = learner.course("corpus").generate(20_000, seed + 3)
     lines = text.splitlines(keepends=True)
     want = oracle.encode(text)
-    got = list(tok.encode_iterable(lines))
-    check_ids(got, want, oracle, "encode_iterable(the lines of a 20 KB file)")
+    check_stream(tok, oracle, lines, f"encode_iterable(the lines of corpus.generate(20_000, seed={seed + 3}))")
     # The same text through a pipe that stays open: the first ids must come before it ends.
     ids, ended, gen = first_ids_before_the_end(learner, tok, text, 20)
     check(ids == want[:20] and not ended,

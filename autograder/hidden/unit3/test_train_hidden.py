@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import regex
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from autograder.checks import check
@@ -106,7 +106,8 @@ def test_count_pretokens_on_secret_corpus(learner, seed):
     want = ref_counts(text, [EOT])
     check(isinstance(got, dict), f"count_pretokens returned {type(got).__name__}; return a plain dict")
     wrong = [k for k in set(got) | set(want) if got.get(k) != want.get(k)][:5]
-    check(not wrong, "count_pretokens differs from the GPT-2 regex counts on a generated corpus, e.g. "
+    check(not wrong, f"count_pretokens(corpus.generate(20_000, seed={seed}), ['<|endoftext|>']) differs from the "
+          "GPT-2 regex counts, e.g. "
           + ", ".join(f"{k!r}: got {got.get(k)}, expected {want.get(k)}" for k in wrong)
           + "\nHint: pre-tokens are regex.findall(GPT2_PATTERN, piece) for each piece between special tokens, as UTF-8 bytes")
 
@@ -128,6 +129,46 @@ def test_split_on_special_longest_first(learner, data):
              if "<|a|><|a|>" in text and len(specials) > 1 else ""))
 
 
+@pytest.mark.group("pretokenize")
+def test_empty_text_and_no_special_tokens(learner):
+    """The edges (empty text; no special tokens), then one plain split and count: an answer right only
+    at the edges earns nothing."""
+    bpe = learner.module("bpe")
+    for text, specials in [("", []), ("", [EOT]), ("", ["<|a|>", "<|a|><|a|>"])]:
+        got = bpe.split_on_special(text, specials)
+        check(got == [], f"split_on_special({text!r}, {specials!r}) gave {got!r}; expected []: no text, no pieces "
+              "(empty pieces are dropped)")
+        counts = plain_dict(bpe.count_pretokens(text, specials))
+        check(counts == {}, f"count_pretokens({text!r}, {specials!r}) gave {counts!r}; expected {{}}")
+    text = f"a b{EOT}"
+    got = bpe.split_on_special(text, [])
+    check(got == [text], f"split_on_special({text!r}, []) gave {got!r}; expected [{text!r}]: with no special tokens "
+          "the whole text is one piece, '<|endoftext|>' included")
+    got = bpe.split_on_special(text, [EOT])
+    check(got == ["a b", EOT], f"split_on_special({text!r}, ['<|endoftext|>']) gave {got!r}; expected ['a b', '<|endoftext|>']")
+    counts = plain_dict(bpe.count_pretokens(text + "b", [EOT]))
+    check(counts == {b"a": 1, b" b": 1, b"b": 1}, f"count_pretokens({text + 'b'!r}, ['<|endoftext|>']) gave {counts!r}; "
+          "expected {b'a': 1, b' b': 1, b'b': 1}")
+
+
+@pytest.mark.group("pretokenize")
+def test_split_on_special_leaves_the_callers_list_alone(learner):
+    """A list sent to the learner's side arrives as a copy, so a sort in place would not show here: the
+    list is made and kept there, split_on_special is called there on it, and what it holds afterwards
+    is fetched (harness.call_stored / fetch)."""
+    bpe, harness = learner.module("bpe"), learner.harness
+    specials = ["<pad>", EOT, "<|a|>", "<|a|><|a|>"]
+    text = "x<|a|><|a|><pad>y<|endoftext|><|a|>"
+    there = harness("call_stored", learner.lib("builtins").list, [specials])
+    pieces = harness("fetch", harness("call_stored", bpe.split_on_special, [text, there]))
+    check(pieces == ref_split(text, specials), f"split_on_special({text!r}, {specials!r}) gave {pieces!r}, expected "
+          f"{ref_split(text, specials)!r}")
+    after = harness("fetch", there)
+    check(after == specials, f"split_on_special(text, special_tokens) changed the caller's list: {specials!r} became "
+          f"{after!r}\nHint: sort a copy (sorted(special_tokens, key=len, reverse=True)), not the caller's list: "
+          "Tokenizer.special_tokens and train_bpe's order of ids depend on it")
+
+
 # --- A. training ----------------------------------------------------------------------------------
 
 @pytest.mark.group("train")
@@ -136,7 +177,8 @@ def test_merges_match_reference_on_secret_corpus(learner, seed, size, n_merges):
     text = learner.course("corpus").generate(size, seed)
     vocab_size = 256 + 1 + n_merges
     vocab, merges = train(learner, text, vocab_size, [EOT])
-    check_merges(merges, naive_train(text, vocab_size, [EOT]), f"a generated {size // 1000} KB corpus",
+    check_merges(merges, naive_train(text, vocab_size, [EOT]), f"corpus.generate({size}, seed={seed}) (vocab_size "
+                 f"{vocab_size}, ['<|endoftext|>'])",
                  hint="count pre-tokens between special tokens, never merge across them; " + TIE_BREAK)
     check(len(vocab) == vocab_size and vocab[256] == EOT.encode(), "vocab: 256 bytes, then <|endoftext|>, then merges")
 
@@ -145,6 +187,11 @@ def test_merges_match_reference_on_secret_corpus(learner, seed, size, n_merges):
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(words=st.lists(st.text(alphabet="abc", min_size=1, max_size=7), min_size=1, max_size=25),
        seps=st.lists(st.sampled_from([" ", "  ", "\n", ", ", EOT]), min_size=1, max_size=5))
+# Ties on purpose (random words tie often, but not always where it matters): every pair once, so the
+# first merges are decided by the tie-break alone, left bytes first, then the right ones.
+@example(words=["ab", "ba", "ac", "ca", "bc", "cb"], seps=[" "])
+@example(words=["ca", "cb", "ab", "aa", "bb"], seps=[EOT])
+@example(words=["abab", "baba", "cc", "aaa"], seps=["\n", ", "])
 def test_ties_and_overlaps_match_reference(learner, words, seps):
     # Three letters: counts tie all the time and pairs overlap (aaa, abab).
     text = "".join(w + seps[k % len(seps)] for k, w in enumerate(words))
@@ -191,8 +238,38 @@ def test_stops_when_no_pair_is_left(learner):
 
 @pytest.mark.group("train")
 def test_vocab_size_too_small_raises(learner):
-    with pytest.raises(ValueError):
-        train(learner, "abc", 256, [EOT])
+    for vocab_size, specials in [(256, [EOT]), (255, []), (258, ["<s>", "</s>", "<pad>"])]:
+        with pytest.raises(ValueError):
+            train(learner, "abc abc", vocab_size, specials)
+            check(False, f"train_bpe(path, {vocab_size}, {specials!r}) did not raise ValueError: {vocab_size} ids "
+                  f"cannot hold the 256 bytes and {len(specials)} special token(s)")
+
+
+# The edges: exactly the bytes and the special tokens (no room for merges), an empty corpus, a corpus of
+# nothing but special tokens.  Then the same text with room for three merges, so that only a trainer
+# that merges at all passes (an answer right only at the edges earns nothing).
+EDGES = [("the cat the cat", 257, [EOT]), ("the cat the cat", 256, []), ("ab ab ab", 259, ["<s>", "</s>", "<pad>"]),
+         ("", 300, [EOT]), (EOT * 3, 300, [EOT])]
+
+
+@pytest.mark.group("train")
+def test_no_room_for_merges_or_nothing_to_merge(learner):
+    for text, vocab_size, specials in EDGES:
+        call = f"train_bpe(a file holding {text!r}, {vocab_size}, {specials!r})"
+        expected = {i: bytes([i]) for i in range(256)} | {256 + k: s.encode() for k, s in enumerate(specials)}
+        try:
+            vocab, merges = train(learner, text, vocab_size, specials)
+        except ValueError as error:
+            check(False, f"{call} raised ValueError ({error}); expected no merges and a vocab of {len(expected)} ids"
+                  + ("\nHint: vocab_size == 256 + len(special_tokens) leaves no room for merges but is valid: raise "
+                     "only when n_merges < 0" if vocab_size == len(expected) else ""))
+        check(list(merges) == [], f"{call} gave {len(merges)} merge(s) {list(merges)[:3]!r}; expected none"
+              + ("\nHint: vocab_size leaves no room for a merge: n_merges = vocab_size - 256 - len(special_tokens) = 0"
+                 if vocab_size == len(expected) else "\nHint: there is no pair to merge: stop when no pair is left"))
+        check(vocab == expected, f"{call} gave a vocab of {len(vocab)} entries; expected the 256 bytes and the "
+              f"{len(specials)} special token(s), {len(expected)} entries")
+    _, merges = train(learner, "the cat the cat", 260, [EOT])
+    check_merges(merges, naive_train("the cat the cat", 260, [EOT]), "'the cat the cat' with room for 3 merges")
 
 
 # --- D. speed ---------------------------------------------------------------------------------------

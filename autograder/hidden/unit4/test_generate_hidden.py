@@ -11,12 +11,14 @@ baseline run and timed here."""
 
 import statistics
 import time
+import traceback
 
 import numpy as np
 import pytest
 import torch
 
-from autograder.checks import check
+from autograder.checks import CheckFailure, assert_close, check
+from autograder.client import LearnerError, WorkerDied
 from autograder.testing import baseline_cpu_seconds
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -116,6 +118,25 @@ def show(x) -> str:
     return str(x.tolist()) if isinstance(x, torch.Tensor) else repr(x)
 
 
+def call_with_hint(call: str, hint: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; an exception the learner's code raises (a TODO or a dead worker
+    aside) fails the test with what was called and the hint."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # graded: a LearnerError; in a learner's own run, the exception itself
+        todo = getattr(exc, "is_todo", False) or (isinstance(exc, NotImplementedError) and str(exc).startswith("TODO"))
+        if todo or isinstance(exc, (WorkerDied, CheckFailure)):
+            raise
+        if isinstance(exc, LearnerError):
+            text = str(exc)  # what was called there, the exception, the learner's line
+        else:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            first = (str(exc).strip().splitlines() or [""])[0]
+            text = f"your code raised {type(exc).__name__}: {first} at {frame.filename}:{frame.lineno} in {frame.name}"
+        lines = text.strip().splitlines()  # its first two lines (torch.compile's errors run long), then the hint
+        raise CheckFailure("\n".join([f"{call}: {lines[0][:300]}", *lines[1:2], f"Hint: {hint}"])) from None
+
+
 # --- generate: greedy and sampling ------------------------------------------------------------
 
 def is_continuation(out, idx: torch.Tensor, new: int) -> bool:
@@ -145,6 +166,13 @@ def test_greedy_cached_equals_uncached(learner, rng, seed):
                                         "the LAST position's logits")
     check(torch.equal(cached, expected), f"greedy, float64: the cached tokens differ from the uncached ones\n"
                                          f"  cached   {show(cached)}\n  uncached {show(expected)} (the full model's)")
+    # max_new_tokens=0, the boundary: the prompt comes back as it is, with or without the cache.
+    for how in (dict(use_cache=True), dict(use_cache=False), dict(temperature=1.0, top_k=5, seed=seed)):
+        call = f"generate(prompt [{b},{t}], max_new_tokens=0, {', '.join(f'{k}={v}' for k, v in how.items())})"
+        hint = ("with 0 new tokens nothing is sampled, and a cache of max_len t + 0 holds the prompt exactly "
+                "(append accepts length + t == max_len)")
+        out = call_with_hint(call, hint, gen.generate, model, idx, 0, **how)
+        check(is_continuation(out, idx, 0), f"{call} must return the prompt [{b}, {t}] itself; got {show(out)}\nHint: {hint}")
 
 
 @pytest.mark.group("generate")
@@ -189,7 +217,9 @@ def test_top_k_1_and_low_temperature_are_greedy(learner, rng, seed):
     # leaves the runner-up a probability below e^-20.  (1e-4 was not enough: over 40 positions the
     # smallest gap is below 3e-4 in about 1 run of 200, which gave the runner-up a few %; with 1e-6, 0
     # mismatches in 1000 seeds of the reference.)
-    cold = gen.generate(model, idx, new, temperature=1e-6, seed=seed)
+    cold = call_with_hint(f"generate(prompt {list(idx.shape)}, {new} new, temperature=1e-6, seed={seed})",
+                          "logits / 1e-6 are huge: torch.softmax subtracts each row's maximum first; exp() of them "
+                          "overflows (inf / inf is NaN)", gen.generate, model, idx, new, temperature=1e-6, seed=seed)
     check(torch.equal(cold, greedy), f"temperature=1e-6 is all but greedy; got {show(cold)}, greedy {show(greedy)}\n"
                                      "Hint: divide the logits by the temperature before the softmax")
 
@@ -198,49 +228,130 @@ def _frequencies(draws: torch.Tensor, vocab: int) -> np.ndarray:
     return np.bincount(draws.numpy().astype(np.int64), minlength=vocab) / len(draws)
 
 
-@pytest.mark.group("generate")
-@pytest.mark.parametrize("top_k", [None, 3])
-def test_sample_next_distribution(learner, rng, top_k):
-    gen = learner.module("generate")
-    vocab, n = 6, 30000
-    logits = torch.from_numpy(rng.permutation(np.array([0.0, 0.4, 0.9, 1.5, 2.0, 2.6]))).float()
-    temperature = float(rng.choice([0.5, 2.0]))
-    scaled = logits / temperature
+def _top_k_rule(logits: torch.Tensor, temperature: float, top_k: int | None) -> np.ndarray:
+    """The handout's distribution, here: softmax(logits / T) after every logit below the k-th
+    largest is set to -inf (so a logit tied with the k-th stays)."""
+    scaled = logits.double() / temperature
     if top_k is not None:
         scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], float("-inf"))
-    expected = torch.softmax(scaled, -1).numpy()
+    return torch.softmax(scaled, -1).numpy()
+
+
+# Each case: temperature, top_k, the 6 logits (shuffled per run), and what it makes visible.
+SAMPLE_CASES = {
+    # T = 1 exactly: the division changes nothing, yet it samples (only T = 0 is greedy).
+    "temperature_1": (1.0, None, [0.0, 0.4, 0.9, 1.5, 2.0, 2.6]),
+    "temperature_0.5": (0.5, None, [0.0, 0.4, 0.9, 1.5, 2.0, 2.6]),
+    "temperature_2": (2.0, None, [0.0, 0.4, 0.9, 1.5, 2.0, 2.6]),
+    "top_k_3": (2.0, 3, [0.0, 0.4, 0.9, 1.5, 2.0, 2.6]),
+    # The 2nd largest logit is tied three ways: "below the k-th largest" removes none of them, so
+    # four tokens stay (keeping exactly k indices, as topk's indices do, drops two of the three).
+    "ties_at_the_kth": (1.0, 2, [0.0, 0.4, 1.5, 1.5, 1.5, 2.6]),
+    # Logits near 5000 (float32 spacing there: 5e-4): exp() of them overflows; softmax does not.
+    "huge_logits": (0.5, None, [5000.0, 5000.4, 5000.9, 5001.5, 5002.0, 5002.6]),
+}
+
+
+@pytest.mark.group("generate")
+@pytest.mark.parametrize("case", list(SAMPLE_CASES))
+def test_sample_next_distribution(learner, rng, case):
+    gen = learner.module("generate")
+    temperature, top_k, values = SAMPLE_CASES[case]
+    vocab, n = len(values), 30000
+    logits = torch.from_numpy(rng.permutation(np.array(values))).float()
+    expected = _top_k_rule(logits, temperature, top_k)
     # The generator is an object the learner's function needs on its side: built there, seeded here.
-    generator = learner.lib("torch").Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
-    draws = gen.sample_next(logits.expand(n, vocab).contiguous(), temperature, top_k, generator)
+    generator_seed = int(rng.integers(0, 2**31 - 1))
+    generator = learner.lib("torch").Generator().manual_seed(generator_seed)
+    call = (f"sample_next(logits [{n},{vocab}] (every row {[round(v, 1) for v in logits.tolist()]}), "
+            f"temperature={temperature}, top_k={top_k}, generator seeded {generator_seed})")
+    overflow = "torch.softmax subtracts each row's maximum first; exp() of logits this large overflows (inf / inf is NaN)"
+    draws = call_with_hint(call, overflow, gen.sample_next, logits.expand(n, vocab).contiguous(), temperature, top_k,
+                           generator) if case == "huge_logits" else \
+        gen.sample_next(logits.expand(n, vocab).contiguous(), temperature, top_k, generator)
     check(isinstance(draws, torch.Tensor) and tuple(draws.shape) == (n,) and draws.dtype == torch.int64,
-          f"sample_next(logits [{n},{vocab}], ...) must return int64 [{n}]; got {getattr(draws, 'shape', draws)}")
+          f"{call} must return int64 [{n}]; got {getattr(draws, 'shape', draws)}")
     got = _frequencies(draws, vocab)
     # 30000 draws: each frequency's standard error is <= 0.003; half the L1 distance (total
-    # variation) stays below 0.02 for a right answer, and ignoring T or top_k moves it by > 0.1.
+    # variation) stays below 0.02 for a right answer, and every mistake below moves it by > 0.1.
     tv = 0.5 * np.abs(got - expected).sum()
-    check(tv < 0.02, f"sample_next(temperature={temperature}, top_k={top_k}) over {n} draws: frequencies "
-                     f"{np.round(got, 3).tolist()}, expected softmax(logits / T) {np.round(expected, 3).tolist()}"
-                     + (" with all but the 3 largest logits removed" if top_k else ""))
+    if tv < 0.02:
+        return
+    kept = int((expected > 0).sum())
+    mistakes = {  # what a known mistake draws from, computed here; named when the draws match it
+        "divide the logits by the temperature before the softmax": _top_k_rule(logits, 1.0, top_k),
+        "with top_k, set every logit below the row's k-th largest to -inf before the softmax":
+            _top_k_rule(logits, temperature, None),
+        f"temperature {temperature} samples: only temperature 0 is greedy (argmax)": np.eye(vocab)[int(logits.argmax())],
+    }
+    named = [h for h, p in mistakes.items() if 0.5 * np.abs(got - p).sum() < 0.02 and 0.5 * np.abs(expected - p).sum() > 0.1]
+    if top_k is not None and kept > top_k and int((got > 0).sum()) <= top_k:
+        named.append(f"a logit equal to the k-th largest (k = {top_k}) stays: remove only those BELOW it "
+                     f"(here {kept} tokens tie into the top {top_k}; keeping exactly {top_k} indices drops some)")
+    if case == "huge_logits":
+        named.append(overflow)
+    check(False, f"{call}: frequencies {np.round(got, 3).tolist()}, expected softmax(logits / T) "
+                 f"{np.round(expected, 3).tolist()}" + (f" with every logit below the {top_k}-th largest removed" if top_k else "")
+                 + f" (total variation {tv:.3f})" + "".join(f"\nHint: {h}" for h in named[:2]))
+
+
+@pytest.mark.group("generate")
+def test_top_k_per_row_with_fewer_rows_than_k(learner, rng):
+    """top_k counts candidates along the vocabulary of each row; here k (96) is larger than the
+    batch (16 rows), and every row is its own shuffle of 128 close logits."""
+    gen = learner.module("generate")
+    batch, vocab, top_k = 16, 128, 96
+    base = np.linspace(0.0, -0.5, vocab)  # distinct and close: the 96 candidates share the mass about evenly
+    logits = torch.from_numpy(np.stack([rng.permutation(base) for _ in range(batch)])).float()
+    generator_seed = int(rng.integers(0, 2**31 - 1))
+    call = (f"sample_next(logits [{batch},{vocab}], temperature=1.0, top_k={top_k}, generator seeded {generator_seed}) "
+            "(each row its own shuffle of linspace(0, -0.5, 128))")
+    draws = gen.sample_next(logits, 1.0, top_k, learner.lib("torch").Generator().manual_seed(generator_seed))
+    check(isinstance(draws, torch.Tensor) and tuple(draws.shape) == (batch,) and draws.dtype == torch.int64,
+          f"{call} must return int64 [{batch}]; got {getattr(draws, 'shape', draws)}")
+    check(bool(((draws >= 0) & (draws < vocab)).all()), f"{call} returned token ids {draws.tolist()} outside 0..{vocab - 1}")
+    rank = (logits > logits.gather(1, draws[:, None])).sum(1)  # 0: the row's largest logit
+    outside = (rank >= top_k).nonzero().flatten().tolist()
+    check(not outside, f"{call}: row {outside[:1]} drew a token ranked {int(rank.max())} in its row (0 = its largest "
+                       f"logit), outside its top {top_k}; ranks drawn {rank.tolist()}")
+    # Each draw lands among its row's 16 largest with probability ~0.19: all 16 there, ~1e-11.
+    check(bool((rank >= batch).any()),
+          f"{call}: every draw is among the {batch} largest logits of its row (ranks {rank.tolist()}), though "
+          f"{top_k} candidates share the mass about evenly.\nHint: top_k counts along the vocabulary (the last "
+          f"dimension, logits.shape[-1]), not along the batch")
 
 
 @pytest.mark.group("generate")
 def test_reused_cache_is_reset(learner, rng, seed):
+    """A cache passed in, of max_len exactly t + max_new_tokens - 1 (the last new token is never run
+    through the model, so that is all generate needs), reused for a second prompt: it must be reset
+    first, end exactly filled, and give the full model's greedy tokens both times.  A long
+    continuation (over 256 new tokens) on a small model."""
     gen, kv = learner.module("generate"), learner.module("kvcache")
-    cfg = config(rng)
+    cfg = dict(config(rng), n_positions=320, n_layer=int(rng.integers(1, 3)))
     model, trusted, _ = course_models(learner, cfg, seed)
-    idx, new = prompt_batch(rng, cfg["vocab_size"], 1, 10)
-    cache = kv.KVCache.for_model(model, 1, 40)
-    first = gen.generate(model, idx, new, cache=cache)
-    length_after_first = cache.length
-    second = gen.generate(model, idx, new, cache=cache)
-    # A random model's greedy tokens can come out the same from a stale cache, its length cannot.
-    check(cache.length == length_after_first,
-          f"after a second generate(..., cache=the same KVCache) the cache holds {cache.length} positions, after the "
-          f"first {length_after_first}: reset a cache you are given before the prefill")
-    fresh = greedy_full(trusted, idx, new)  # the full model's greedy tokens, here
-    check(torch.equal(first, fresh) and torch.equal(second, fresh),
-          f"generate(..., cache=the same KVCache) twice gave {show(first)} then {show(second)}; the full model's greedy "
-          f"continuation is {show(fresh)}: reset a cache you are given before the prefill")
+    t, new = int(rng.integers(1, 12)), int(rng.integers(260, 300))
+    cache = kv.KVCache.for_model(model, 1, t + new - 1)
+    for attempt in ("first", "second"):
+        idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(1, t)))
+        call = (f"generate(prompt [1,{t}], {new} new, cache=a KVCache of max_len {t + new - 1}) ({attempt} call "
+                "with this cache)")
+        out = call_with_hint(call, "the last new token is never run through the model, so t + max_new_tokens - 1 "
+                                   "slots are enough (append accepts length + t == max_len); and reset() a cache you "
+                                   "are given before the prefill", gen.generate, model, idx, new, cache=cache)
+        check(cache.length == t + new - 1,
+              f"{call}: afterwards the cache holds {cache.length} positions; expected {t + new - 1} (the prompt and "
+              f"every new token but the last)\nHint: reset() the cache first, prefill once, then one forward_with_cache "
+              "per new token except the last (nobody reads the logits after it)")
+        # Greedy, in one pass here: every new token must be the argmax of the full model's logits over the
+        # tokens before it (float64: no two logits tie), which makes out the full model's greedy continuation.
+        check(is_continuation(out, idx, new), f"{call} must return the prompt, then {new} new tokens; got {show(out)[:200]}")
+        with torch.no_grad():
+            chosen = trusted(out)[:, t - 1:-1].argmax(-1)
+        wrong = (chosen != out[:, t:]).nonzero()[:, 1].tolist()
+        check(not wrong, f"{call}: new token {wrong[:1]} is not the full model's greedy choice after the tokens before it "
+                         f"(yours {out[0, t + wrong[0]].item() if wrong else ''}, the full model's "
+                         f"{chosen[0, wrong[0]].item() if wrong else ''})\nHint: reset() a cache you are given before the prefill")
 
 
 # --- batched prompts ---------------------------------------------------------------------------
@@ -248,22 +359,81 @@ def test_reused_cache_is_reset(learner, rng, seed):
 @pytest.mark.group("batched")
 def test_left_pad(learner, rng):
     gen = learner.module("generate")
-    prompts = [rng.integers(1, 50, size=int(n)).tolist() for n in rng.integers(1, 8, size=4)]
-    pad = int(rng.integers(50, 60))
-    ids, mask = gen.left_pad(prompts, pad)
-    longest = max(map(len, prompts))
-    want_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    want_mask = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts])
-    check(isinstance(ids, torch.Tensor) and ids.dtype == torch.int64 and torch.equal(ids, want_ids),
-          f"left_pad({prompts}, pad_id={pad}) ids: got {show(ids)}; expected {want_ids.tolist()} (padding on the LEFT)")
-    check(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and torch.equal(mask, want_mask),
-          f"left_pad mask: got {show(mask)}; expected {want_mask.int().tolist()} (bool, True at real tokens)")
+    drawn = [rng.integers(1, 50, size=int(n)).tolist() for n in rng.integers(1, 8, size=4)]
+    # Fixed lengths too: a 1-token prompt, one at most half the longest, one more than half; all alike.
+    fixed = [[7], [3, 9], [4, 8, 15, 16, 23], [42, 1, 2, 3, 5, 8, 13]]
+    for prompts in (drawn, fixed, [[5, 6, 7], [8, 9, 10]]):
+        pad = int(rng.integers(50, 60))
+        ids, mask = gen.left_pad(prompts, pad)
+        longest = max(map(len, prompts))
+        want_ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
+        want_mask = torch.tensor([[False] * (longest - len(p)) + [True] * len(p) for p in prompts])
+        check(isinstance(ids, torch.Tensor) and ids.dtype == torch.int64 and torch.equal(ids, want_ids),
+              f"left_pad({prompts}, pad_id={pad}) ids: got {show(ids)}; expected {want_ids.tolist()} (padding on the LEFT)")
+        check(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and torch.equal(mask, want_mask),
+              f"left_pad({prompts}, pad_id={pad}) mask: got {show(mask)}; expected {want_mask.int().tolist()} "
+              "(bool, True at real tokens)")
+
+
+def padded_config(rng) -> dict:
+    """At least two layers: with one, a padding query whose keys are all masked with -inf gets NaN
+    that nothing returned reads; from the second layer on, the NaN keys and values of the padding
+    reach every row (0 weight times NaN is NaN)."""
+    return dict(config(rng), n_layer=int(rng.integers(2, 4)))
+
+
+@pytest.mark.group("batched")
+def test_forward_with_cache_padding_and_positions(learner, rng, seed):
+    """forward_with_cache given a left-padded batch, its key mask and its positions (all made here):
+    the prefill, then decode steps, against the course model over the same tokens with the same
+    positions and mask.  The prefill is compared at every position, padding rows included: a padding
+    query whose keys are all masked gets softmax of a row of finfo.min (uniform), never NaN."""
+    kv = learner.module("kvcache")
+    cfg = padded_config(rng)
+    model, trusted, _ = course_models(learner, cfg, seed)
+    longest, new = int(rng.integers(4, 10)), int(rng.integers(2, 6))
+    lengths = [1, longest] + rng.integers(1, longest + 1, size=int(rng.integers(1, 3))).tolist()
+    batch, total = len(lengths), longest + new
+    mask = torch.tensor([[False] * (longest - n) + [True] * n for n in lengths])
+    ids = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, longest))).masked_fill(~mask, int(rng.integers(0, 50)))
+    steps = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, new)))
+    key_mask = torch.cat([mask, torch.ones(batch, new, dtype=torch.bool)], dim=1)  # [batch, total]
+    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)  # each row's real tokens count from 0
+    causal = torch.ones(total, total, dtype=torch.bool).tril()
+    with torch.no_grad():  # expected, here: the prompt alone, then everything (the steps' rows are all real)
+        prefill_mask = causal[:longest, :longest] & mask[:, None, None, :]
+        expected_prefill = trusted(ids, positions=positions[:, :longest], attn_mask=prefill_mask)
+        expected_steps = trusted(torch.cat([ids, steps], 1), positions=positions, attn_mask=causal & key_mask[:, None, None, :])[:, longest:]
+        mistakes = {"pass key_mask on: padding keys must be masked out of every query's attention":
+                        trusted(ids, positions=positions[:, :longest]),
+                    "use the positions you are given (only positions=None means cache.length + arange(t))":
+                        trusted(ids, attn_mask=prefill_mask)}
+    what = (f"GPT({cfg['n_layer']} layers, {cfg['n_head']} heads, n_embd {cfg['n_embd']}, float64), prompts of lengths "
+            f"{lengths} left-padded to {longest}")
+    cache = kv.KVCache.for_model(model, batch, total)
+    prefill = kv.forward_with_cache(model, ids, cache, positions=positions[:, :longest], key_mask=key_mask)
+    # float64 on both sides: the same operations in another order, ~1e-14.
+    assert_close(prefill, expected_prefill, rtol=1e-9, atol=1e-9, mistakes=mistakes,
+                 call=f"forward_with_cache(ids [{batch},{longest}], positions=cumsum(mask) - 1 clamped at 0, "
+                      f"key_mask [{batch},{total}]) (prefill; {what})",
+                 hint="allowed = causal_mask(start, t) & key_mask[:, None, None, :start+t]; positions as given",
+                 nan_hint="a padding query has every key masked: fill with torch.finfo(dtype).min, not -inf "
+                          "(softmax of a row of -inf is NaN)")
+    for i in range(new):
+        step = kv.forward_with_cache(model, steps[:, i:i + 1], cache, positions=positions[:, longest + i:longest + i + 1],
+                                     key_mask=key_mask)
+        assert_close(step, expected_steps[:, i:i + 1], rtol=1e-9, atol=1e-9,
+                     call=f"forward_with_cache(token [{batch},1], positions [{batch},1] = each row's count of real tokens, "
+                          f"key_mask) (decode step {i + 1} after the prefill; {what})",
+                     hint="the key mask hides the padding from decode steps too; positions as given",
+                     nan_hint="NaN from the padding reached a real row: fill masked scores with torch.finfo(dtype).min, "
+                              "not -inf")
 
 
 @pytest.mark.group("batched")
 def test_batch_rows_match_hugging_face_alone(learner, rng, seed):
     gen = learner.module("generate")
-    cfg = config(rng)
+    cfg = padded_config(rng)
     model, _, state = course_models(learner, cfg, seed)
     prompts = [rng.integers(0, cfg["vocab_size"], size=int(n)).tolist() for n in rng.integers(1, 13, size=int(rng.integers(3, 6)))]
     prompts[0] = prompts[0][:1]  # one row mostly padding
@@ -277,12 +447,19 @@ def test_batch_rows_match_hugging_face_alone(learner, rng, seed):
                                   f"alone (Hugging Face, same weights) it continues as {alone}\n"
                                   "Hint: mask the padding out of attention (key_mask), and count each row's positions "
                                   "from its first real token")
+    # max_new_tokens=0, the boundary: every prompt comes back as it is.
+    call = f"generate_batch({prompts}, max_new_tokens=0)"
+    hint = ("with 0 new tokens nothing is sampled; the cache and the key mask hold the prompt exactly "
+            "(append accepts length + t == max_len)")
+    rows = call_with_hint(call, hint, gen.generate_batch, model, prompts, 0)
+    check(isinstance(rows, list) and [list(r) for r in rows] == prompts,
+          f"{call} gave {rows!r}; expected the prompts themselves\nHint: {hint}")
 
 
 @pytest.mark.group("batched")
 def test_pad_id_does_not_matter_and_sampling_is_seeded(learner, rng, seed):
     gen = learner.module("generate")
-    cfg = config(rng)
+    cfg = padded_config(rng)
     model, trusted, _ = course_models(learner, cfg, seed)
     prompts = [rng.integers(0, cfg["vocab_size"], size=int(n)).tolist() for n in (1, 9, 4)]
     pad = int(rng.integers(1, cfg["vocab_size"]))

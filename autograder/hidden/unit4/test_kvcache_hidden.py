@@ -8,13 +8,16 @@ or by Hugging Face, with the same weights as the model on the learner's side; le
 patch the worker's copy of ``common.gpt`` and it changes nothing these tests compare against."""
 
 import math
+import traceback
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from autograder.checks import assert_close, check
+from autograder.checks import CheckFailure, assert_close, check
+from autograder.client import LearnerError, WorkerDied
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -124,12 +127,33 @@ def split_points(rng, total: int) -> list[int]:
     return sizes
 
 
+def call_with_hint(call: str, hint: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; an exception the learner's code raises (a TODO or a dead worker
+    aside) fails the test with what was called and the hint."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # graded: a LearnerError; in a learner's own run, the exception itself
+        todo = getattr(exc, "is_todo", False) or (isinstance(exc, NotImplementedError) and str(exc).startswith("TODO"))
+        if todo or isinstance(exc, (WorkerDied, CheckFailure)):
+            raise
+        if isinstance(exc, LearnerError):
+            text = str(exc)  # what was called there, the exception, the learner's line
+        else:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            first = (str(exc).strip().splitlines() or [""])[0]
+            text = f"your code raised {type(exc).__name__}: {first} at {frame.filename}:{frame.lineno} in {frame.name}"
+        lines = text.strip().splitlines()  # its first two lines (torch.compile's errors run long), then the hint
+        raise CheckFailure("\n".join([f"{call}: {lines[0][:300]}", *lines[1:2], f"Hint: {hint}"])) from None
+
+
 # --- the cache itself -----------------------------------------------------------------------------
 
 @pytest.mark.group("cache")
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(chunks=st.lists(st.integers(1, 4), min_size=1, max_size=5), n_layer=st.integers(1, 3),
        batch=st.integers(1, 3), spare=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+@example(chunks=[3, 1, 2], n_layer=2, batch=2, spare=0, seed=1)  # the last append fills the cache exactly
+@example(chunks=[1], n_layer=1, batch=1, spare=0, seed=2)  # one slot, one token
 def test_append_sequences(learner, chunks, n_layer, batch, spare, seed):
     kv = learner.module("kvcache")
     n_head, head_dim, max_len = 2, 4, sum(chunks) + spare
@@ -167,6 +191,15 @@ def test_overflow_raises_and_reset_starts_over(learner, torch_gen):
     cache.advance(4)
     with pytest.raises(ValueError):
         cache.append(0, a[:, :, :2], a[:, :, :2])  # 4 + 2 > max_len 5
+    # 4 + 1 = max_len: the last slot is the cache's own, it must fit.
+    last = torch.randn(2, 2, 1, 4, generator=torch_gen, dtype=torch.float64)
+    keys, _ = call_with_hint("KVCache(max_len 5) at length 4: append(0, k[2,2,1,4]) (fills it exactly)",
+                             "length + t == max_len fits: raise only when length + t > max_len", cache.append, 0, last, last)
+    assert_close(keys, torch.cat([a, last], dim=2), rtol=0, atol=0,
+                 call="KVCache(max_len 5) at length 4: append of 1 token (fills it exactly) -> keys")
+    cache.advance(1)
+    with pytest.raises(ValueError):
+        cache.append(0, last, last)  # 5 + 1 > max_len 5
     cache.reset()
     check(cache.length == 0, f"after reset() length is {cache.length}")
     b = torch.randn(2, 2, 2, 4, generator=torch_gen, dtype=torch.float64)
@@ -177,7 +210,7 @@ def test_overflow_raises_and_reset_starts_over(learner, torch_gen):
 
 
 @pytest.mark.group("cache")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
 def test_nbytes(learner, rng, dtype):
     kv = learner.module("kvcache")
     n_layer, batch, n_head, max_len, head_dim = (int(x) for x in rng.integers(1, 6, size=5))
@@ -195,7 +228,9 @@ def test_nbytes(learner, rng, dtype):
 @pytest.mark.group("cached_forward")
 def test_causal_mask(learner, rng):
     kv = learner.module("kvcache")
-    for start, t in [(0, int(rng.integers(2, 7))), (int(rng.integers(1, 9)), 1), (int(rng.integers(1, 9)), int(rng.integers(2, 5)))]:
+    cases = [(0, 1), (0, int(rng.integers(2, 7))), (int(rng.integers(1, 9)), 1), (int(rng.integers(1, 9)), int(rng.integers(2, 5))),
+             (2, 3), (3, 2)]  # fixed ones too: start and t both > 1 and different
+    for start, t in cases:
         expected = torch.ones(t, start + t, dtype=torch.bool).tril(diagonal=start)
         got = kv.causal_mask(start, t)
         check(isinstance(got, torch.Tensor) and got.dtype == torch.bool and torch.equal(got, expected),
@@ -203,8 +238,30 @@ def test_causal_mask(learner, rng):
               "(query i sits at position start+i and sees keys 0..start+i)")
 
 
+# Tolerances per dtype, against the course model in the same dtype: float64 agrees to ~1e-14.  float32:
+# dot products of 8-16 terms and softmax sums over <= 24 keys in another order, ~1e-6 relative on
+# logits of size ~10.  float16 / bfloat16 (CPU torch runs both): the cached and the full computation
+# round differently by about one unit in the last place of the logits (fp16: 2^-10 relative,
+# measured max |error| / (1 + |logit|) 0.006 over 600 seeds; bf16: 2^-7, measured 0.034); 2-3x
+# that.  A wrong mask or position moves logits by O(1).
+CHUNK_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1.6e-2, torch.bfloat16: 8e-2}
+
+
+def chunk_mistakes(trusted, idx: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """What two classic mistakes give for every token, computed here with the full model: positions
+    that restart at 0 in every call, and chunks with no causal mask (query i of a chunk sees all of it)."""
+    total = idx.shape[1]
+    restarted = torch.cat([torch.arange(t) for t in sizes])[None, :]
+    ends = torch.cat([torch.full((t,), start + t) for start, t in zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes)])
+    no_causal = (torch.arange(total)[None, :] < ends[:, None])[None, None]  # [1, 1, query, key]
+    with torch.no_grad():
+        return {"positions restart at 0 in every call: they are cache.length + arange(t)": trusted(idx, positions=restarted),
+                "a chunk of t > 1 tokens needs the causal mask: its query i sees keys 0..start+i only":
+                    trusted(idx, attn_mask=no_causal)}
+
+
 @pytest.mark.group("cached_forward")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 def test_chunked_forward_matches_full_model(learner, rng, seed, dtype):
     kv = learner.module("kvcache")
     cfg = config(rng)
@@ -212,21 +269,32 @@ def test_chunked_forward_matches_full_model(learner, rng, seed, dtype):
     batch, total = int(rng.integers(1, 4)), int(rng.integers(8, 24))
     idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, total)))
     full = full_logits(trusted, idx)
-    cache = kv.KVCache.for_model(model, batch, total + int(rng.integers(0, 4)))
-    # float64: the two orders of computation agree to ~1e-14.  float32: dot products of 8-16 terms and
-    # softmax sums over <= 24 keys, summed in another order: ~1e-6 relative, logits of size ~10.
-    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    max_len = total + int(rng.integers(0, 4))
+    cache = kv.KVCache.for_model(model, batch, max_len)
+    tol = dict(rtol=CHUNK_TOL[dtype], atol=CHUNK_TOL[dtype])
+    sizes = split_points(rng, total)
+    mistakes = chunk_mistakes(trusted, idx, sizes)
+    model_text = (f"GPT(vocab {cfg['vocab_size']}, {cfg['n_layer']} layers, {cfg['n_head']} heads, n_embd {cfg['n_embd']}), "
+                  f"{str(dtype)[6:]}, batch {batch}, cache max_len {max_len}, chunks {sizes}")
     start = 0
-    for t in split_points(rng, total):
-        logits = kv.forward_with_cache(model, idx[:, start:start + t], cache)
+    for t in sizes:
         kind = "prefill" if start == 0 else ("decode step" if t == 1 else "chunk")
-        assert_close(logits, full[:, start:start + t], call=f"forward_with_cache({kind} of tokens {start}..{start + t - 1}, "
-                     f"batch {batch}, {cfg['n_layer']} layers, {str(dtype)[6:]})",
+        call = f"forward_with_cache({kind} of tokens {start}..{start + t - 1}); {model_text}"
+        if dtype == torch.float16:  # float16's largest finite value is 65504: -1e9 or float32's min do not fit
+            logits = call_with_hint(call, "fill masked scores with torch.finfo(scores.dtype).min: the value must fit "
+                                          "the scores' dtype (float16: -65504)", kv.forward_with_cache, model,
+                                    idx[:, start:start + t], cache)
+        else:
+            logits = kv.forward_with_cache(model, idx[:, start:start + t], cache)
+        assert_close(logits, full[:, start:start + t], call=call,
+                     mistakes={h: v[:, start:start + t] for h, v in mistakes.items()},
                      hint="queries at positions start..start+t-1 (advance the offset), keys over the filled prefix only, "
-                          "and the causal mask for every chunk longer than one token", **tol)
+                          "and the causal mask for every chunk longer than one token",
+                     nan_hint="masked scores filled with torch.finfo(scores.dtype).min (not a constant that overflows "
+                              "this dtype, not -inf)", **tol)
         start += t
-        check(cache.length == start, f"after {start} tokens cache.length is {cache.length}: forward_with_cache advances it "
-                                     "by t, once per call (not once per layer)")
+        check(cache.length == start, f"after {start} tokens ({model_text}) cache.length is {cache.length}: "
+                                     "forward_with_cache advances it by t, once per call (not once per layer)")
 
 
 # --- Part C: the static decode step -------------------------------------------------------------
@@ -238,7 +306,7 @@ def stale_noise(shape: tuple, dtype, seed: int, scale: float) -> dict:
 
 
 @pytest.mark.group("static")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d)[6:])
 def test_decode_step_over_a_stale_cache(learner, rng, seed, dtype):
     """decode_step over a cache whose every slot holds large noise, against the full model computed
     here; afterwards the cache holds the full model's keys and values in slots 0..n-1 and the
@@ -246,7 +314,9 @@ def test_decode_step_over_a_stale_cache(learner, rng, seed, dtype):
     kv = learner.module("kvcache")
     cfg = config(rng)
     model, trusted, _ = course_models(learner, cfg, seed, dtype)
-    batch, total = int(rng.integers(1, 4)), int(rng.integers(6, 16))
+    # At least 2 rows: with one, merging the heads along the wrong dimensions (batch and heads
+    # swapped) gives the right numbers.
+    batch, total = int(rng.integers(2, 4)), int(rng.integers(6, 16))
     idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, total)))
     full = full_logits(trusted, idx)
     max_len = total + int(rng.integers(1, 6))
@@ -398,7 +468,10 @@ def test_decode_step_compiles_once(learner, rng, seed):
     idx = torch.from_numpy(rng.integers(0, cfg["vocab_size"], size=(batch, total)))
     cache = kv.KVCache.for_model(model, batch, total + int(rng.integers(0, 4)))
     with learner.time_limit(120):  # dynamo traces the model once: seconds
-        logits, graphs, scalar_reads = learner.harness("compiled_decode", kv.decode_step, model, cache, idx, 0)
+        logits, graphs, scalar_reads = call_with_hint(
+            f"torch.compile(decode_step, fullgraph=True), {total} steps, batch {batch}",
+            "no .item() / int(slot) / slicing by slot: index_copy_ to write, a mask over all max_len slots to read",
+            learner.harness, "compiled_decode", kv.decode_step, model, cache, idx, 0)
     check(not scalar_reads, f"torch.compile(decode_step) turns slot into a Python number: {next(iter(scalar_reads), '')}. Shapes then "
                             "depend on data, so a CUDA graph captured at one slot cannot serve the next. Hint: "
                             "index_copy_ to write, a mask over all max_len slots to read (seen inside your process)")

@@ -7,6 +7,7 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -51,8 +52,8 @@ def test_encode_example(learner, instruction, response, max_len):
 def test_collate(learner, rng):
     ft = learner.module("finetune")
     examples = []
-    for _ in range(int(rng.integers(2, 6))):
-        n = int(rng.integers(1, 12))
+    # Lengths all different: every draw has rows to pad (equal lengths would hide padding in place).
+    for n in rng.choice(np.arange(1, 12), size=int(rng.integers(2, 6)), replace=False).tolist():
         ids = rng.integers(1, 255, size=n).tolist()
         labels = [IGNORE if rng.random() < 0.4 else t for t in ids]
         examples.append({"input_ids": ids, "labels": labels})
@@ -62,7 +63,14 @@ def test_collate(learner, rng):
     for i, e in enumerate(examples):
         want_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         want_labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
-    got = ft.collate(examples)
+    # The examples stay on your side for the call and are read back after it: collate pads into new
+    # tensors, never into the caller's lists (finetune collates the same encoded rows again and again).
+    sent = learner.harness("call_stored", learner.lib("copy").deepcopy, [examples])
+    got = learner.harness("fetch", learner.harness("call_stored", ft.collate, [sent]))
+    after = learner.harness("fetch", sent)
+    changed = [i for i, (a, e) in enumerate(zip(after, examples)) if a != e]
+    check(not changed, f"collate changed the examples it was given: example {changed[:1]} was {examples[changed[0]] if changed else ''} "
+                       f"and is now {after[changed[0]] if changed else ''}; pad into the new tensors, not into the caller's lists")
     check(isinstance(got, (tuple, list)) and len(got) == 2, "collate returns (input_ids, labels)")
     ids, labels = got
     check(isinstance(ids, torch.Tensor) and ids.dtype == torch.long and torch.equal(ids, want_ids),
@@ -82,8 +90,16 @@ def test_response_loss(learner, torch_gen):
     want = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     scored = labels[:, 1:] != IGNORE
     per_token = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].clamp(min=0).reshape(-1), reduction="none")
+    # logits and labels stay on your side for the call and are read back: response_loss shifts and
+    # masks copies or views, never the caller's tensors.
+    ltorch = learner.lib("torch")
+    sent_logits, sent_labels = (learner.harness("call_stored", ltorch.clone, [t]) for t in (logits, labels))
+    got = learner.harness("fetch", learner.harness("call_stored", ft.response_loss, [sent_logits, sent_labels]))
+    for name, stored, value in (("logits", sent_logits, logits), ("labels", sent_labels, labels)):
+        assert_close(learner.harness("fetch", stored), value, rtol=0, atol=0, call=f"the {name} after response_loss(logits, labels)",
+                     hint="response_loss must not change its inputs: slice them (logits[:, :-1], labels[:, 1:]) into new views")
     # float32 log-softmax over 17 logits, averaged: ~1e-6.
-    assert_close(ft.response_loss(logits, labels), want, rtol=1e-5, atol=1e-6, call=f"response_loss(logits[{b},{t},{v}], labels)",
+    assert_close(got, want, rtol=1e-5, atol=1e-6, call=f"response_loss(logits[{b},{t},{v}], labels)",
                  mistakes={"logits[:, i] predicts the NEXT token: compare logits[:, :-1] with labels[:, 1:]":
                            F.cross_entropy(logits.reshape(-1, v), labels.reshape(-1), ignore_index=IGNORE),
                            "average over the scored (label != -100) positions only":
@@ -139,6 +155,118 @@ def _merged_weights(base: dict, trained: dict, targets: list[str], scalings: dic
               f"{module}.scaling should be a number (alpha / r = {ALPHA / R:g}); got {scaling!r}")
         merged[f"{module}.weight"] = w + float(scaling) * (b.float() @ a.float())
     return merged
+
+
+REPLAY_CONFIG = dict(n_embd=32, n_layer=1, n_head=4)
+REPLAY_STEPS, REPLAY_BATCH, REPLAY_R, REPLAY_ALPHA = 10, 4, 4, 8.0
+
+
+@pytest.mark.group("finetune")
+def test_finetune_replays_the_stated_loop(learner, rng, seed, torch_gen):
+    """The loop itself, not only that it learns: your finetune on a small adapted GPT (base weights
+    and starting adapters chosen here, data handed over as a file) against the loop the handout
+    states, replayed here from the same start with the course's own pieces: one generator
+    torch.Generator().manual_seed(seed) drawing each step's rows with torch.randint(len(dataset),
+    (batch_size,)), AdamW(lr, weight_decay=0) over the adapters, the loss of each batch before its
+    step.  The losses of every step and the trained adapters must agree up to float32 rounding."""
+    ft, lora = learner.module("finetune"), learner.module("lora")
+    course_gpt = learner.course("common.gpt")
+    ref_ft, ref_lora = reference_module("unit5.finetune"), reference_module("unit5.lora")
+    rows = ref_ft.make_instruction_data(48, int(rng.integers(1 << 30)))
+    path = learner.put_file("".join(json.dumps(row) + "\n" for row in rows), suffix=".jsonl")
+    loop_seed, lr = int(rng.integers(1 << 30)), float(rng.choice([3e-3, 5e-3, 1e-2]))
+
+    trusted = course_gpt.GPT(course_gpt.GPTConfig(**REPLAY_CONFIG))
+    base = _base_weights({k: tuple(v.shape) for k, v in trusted.state_dict().items()}, torch_gen)
+    trusted.load_state_dict(base)
+    ref_lora.inject_lora(trusted, list(TARGETS), REPLAY_R, REPLAY_ALPHA)
+    start = {}
+    for name, module in ref_lora.lora_modules(trusted).items():  # B != 0, so every adapter trains from step 1
+        start[f"{name}.lora_A"] = torch.randn(module.lora_A.shape, generator=torch_gen) / module.in_features ** 0.5
+        start[f"{name}.lora_B"] = torch.randn(module.lora_B.shape, generator=torch_gen) * 0.05
+    trusted.load_state_dict(start, strict=False)
+    want_losses = ref_ft.finetune(trusted, rows, REPLAY_STEPS, REPLAY_BATCH, lr, loop_seed)
+    want = ref_lora.lora_state_dict(trusted)
+
+    gpt = learner.module("common.gpt")
+    learner.lib("torch").set_num_threads(1)
+    model = gpt.GPT(gpt.GPTConfig(**REPLAY_CONFIG))
+    model.load_state_dict(base)
+    lora.inject_lora(model, list(TARGETS), REPLAY_R, REPLAY_ALPHA)
+    model.load_state_dict(start, strict=False)
+    dataset = ft.load_instruction_dataset(path)
+    call = (f"finetune(model, dataset of {len(rows)} rows, steps={REPLAY_STEPS}, batch_size={REPLAY_BATCH}, lr={lr:g}, "
+            f"seed={loop_seed})")
+    with learner.time_limit(60):
+        losses = ft.finetune(model, dataset, REPLAY_STEPS, REPLAY_BATCH, lr, loop_seed)
+    check(isinstance(losses, list) and len(losses) == REPLAY_STEPS and all(isinstance(x, float) for x in losses),
+          f"{call} should return {REPLAY_STEPS} losses as floats; got {str(losses)[:100]}")
+    # float32: the same computation up to the association order of a few matmuls (seen: 1e-7 relative
+    # on the losses, 1e-6 of the largest adapter entry after 10 steps).  weight_decay=0.01 instead of 0
+    # moves the losses by ~3e-5 (within rtol) but the adapters by ~7e-4 of their largest entry (7x the
+    # adapters' atol), so it is told apart below; other sampling or a wrong lr moves the losses by 1e-2.
+    assert_close(losses, want_losses, rtol=1e-4, atol=1e-6, call=f"{call}: the loss of every step",
+                 hint="each step: rows = torch.randint(len(dataset), (batch_size,), generator=g).tolist() from ONE "
+                      "g = torch.Generator().manual_seed(seed); collate their encode_example; response_loss; zero_grad, "
+                      "backward, AdamW step (lr, weight_decay=0); record loss.item() of the batch before the step")
+    trained = model.state_dict()
+    for key, value in want.items():
+        assert_close(trained.get(key), value, rtol=0, atol=1e-4 * float(value.abs().max()),
+                     call=f"{call}: {key} after training",
+                     hint="AdamW(params with requires_grad, lr=lr, weight_decay=0): AdamW's default weight_decay is 0.01")
+    mode = learner.lib("builtins").getattr(model, "training")
+    check(mode is False, f"after {call} the model is left in {'train' if mode else 'an unknown'} mode; finetune "
+                         "switches it to train mode for the loop and back to eval mode (model.eval()) at the end")
+
+
+@pytest.mark.group("finetune")
+def test_finetune_trains_in_train_mode(learner, rng, torch_gen):
+    """A model handed over in eval mode, with adapter dropout 0.5: finetune must switch to train mode,
+    so the first step's loss is not the dropout-free loss of that batch (computed here)."""
+    ft, lora = learner.module("finetune"), learner.module("lora")
+    course_gpt = learner.course("common.gpt")
+    ref_ft, ref_lora = reference_module("unit5.finetune"), reference_module("unit5.lora")
+    rows = ref_ft.make_instruction_data(16, int(rng.integers(1 << 30)))
+    path = learner.put_file("".join(json.dumps(row) + "\n" for row in rows), suffix=".jsonl")
+    loop_seed = int(rng.integers(1 << 30))
+    trusted = course_gpt.GPT(course_gpt.GPTConfig(**REPLAY_CONFIG))
+    base = _base_weights({k: tuple(v.shape) for k, v in trusted.state_dict().items()}, torch_gen)
+    trusted.load_state_dict(base)
+    ref_lora.inject_lora(trusted, list(TARGETS), REPLAY_R, REPLAY_ALPHA)
+    start = {}
+    for name, module in ref_lora.lora_modules(trusted).items():  # a large branch: dropout on it shows in the loss
+        start[f"{name}.lora_A"] = torch.randn(module.lora_A.shape, generator=torch_gen) / module.in_features ** 0.5
+        start[f"{name}.lora_B"] = torch.randn(module.lora_B.shape, generator=torch_gen) * 0.5
+    trusted.load_state_dict(start, strict=False)
+    trusted.eval()
+    picked = torch.randint(len(rows), (REPLAY_BATCH,), generator=torch.Generator().manual_seed(loop_seed)).tolist()
+    ids, labels = ref_ft.collate([ref_ft.encode_example(rows[i]) for i in picked])
+    with torch.no_grad():
+        eval_loss = float(ref_ft.response_loss(trusted(ids), labels))
+    ids = ids[:2]  # for the dropout check below
+
+    gpt = learner.module("common.gpt")
+    learner.lib("torch").manual_seed(int(rng.integers(1 << 30)))
+    model = gpt.GPT(gpt.GPTConfig(**REPLAY_CONFIG))
+    model.load_state_dict(base)
+    lora.inject_lora(model, list(TARGETS), REPLAY_R, REPLAY_ALPHA, 0.5)
+    model.load_state_dict(start, strict=False)
+    with torch.no_grad():
+        eval_logits = trusted(ids)
+    model.train()  # first: does dropout act at all in this model in train mode?
+    check(not torch.allclose(model(ids), eval_logits, rtol=1e-4, atol=1e-4),
+          "inject_lora(model, targets, r, alpha, dropout=0.5) gave a model whose train-mode logits have no dropout: pass "
+          "dropout on to every LoRALinear you create (this test of finetune's train mode needs it)")
+    model.eval()
+    with learner.time_limit(60):
+        losses = ft.finetune(model, ft.load_instruction_dataset(path), 1, REPLAY_BATCH, 5e-3, loop_seed)
+    check(isinstance(losses, list) and len(losses) == 1 and isinstance(losses[0], float),
+          f"finetune(..., steps=1) should return 1 loss as a float; got {str(losses)[:100]}")
+    # Dropout 0.5 on branches as large as the base path moves the loss by far more than float32 rounding.
+    check(abs(losses[0] - eval_loss) > 1e-4 * abs(eval_loss),
+          f"finetune(model in eval mode, adapters with dropout=0.5, steps=1) gave the first batch's loss {losses[0]:.6f}, "
+          f"exactly the loss without dropout ({eval_loss:.6f}): switch the model to train mode (model.train()) before "
+          "the loop, so that dropout acts while training")
 
 
 @pytest.mark.group("finetune")

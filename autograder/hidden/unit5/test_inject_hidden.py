@@ -141,3 +141,50 @@ def test_trainable_parameters_exactly_r_times_din_plus_dout(learner, rng, seed, 
     check(not bad and total == want,
           f"each adapted layer trains exactly r * (d_in + d_out) numbers (r={r}); total should be {want}, yours is "
           f"{total}; layers that differ (yours, expected): {dict(list(bad.items())[:3])}")
+
+
+@pytest.mark.group("inject")
+@pytest.mark.parametrize("targets", [["attn"], ["ln_1"], r".*\.mlp(\.c_fc)?"], ids=["attention-block", "layernorm", "regex-mlp"])
+def test_target_that_is_not_linear_or_conv1d_raises_type_error(learner, seed, targets):
+    """A target that matches a module LoRA cannot adapt (an attention block, a LayerNorm, an MLP
+    container) raises TypeError, as LoRALinear (through the given _features) does; peft refuses it
+    too.  Skipping it silently would leave the learner believing it was adapted."""
+    lora = learner.module("lora")
+    _, theirs, _ = build_pair(learner, "gpt2", seed)
+    outcome = "returned without an error"
+    try:
+        lora.inject_lora(theirs, targets, 4, 4.0)
+    except TypeError:
+        return
+    except Exception as exc:  # noqa: BLE001 - named in the message below
+        outcome = f"raised {type(exc).__name__}: {str(exc)[:120]}"
+    check(False, f"inject_lora(gpt2, {targets!r}, r=4) {outcome}; the target matches GPT-2 modules that are neither "
+                 "nn.Linear nor Conv1D (e.g. transformer.h.0." + ("attn" if targets == ["attn"] else "ln_1" if targets == ["ln_1"] else "mlp")
+                 + "), which must raise TypeError: wrap every match in LoRALinear (its constructor raises it), never "
+                   "skip one silently")
+
+
+@pytest.mark.group("inject")
+def test_inject_passes_dropout_on(learner, rng, seed, torch_gen):
+    """inject_lora(..., dropout=p) gives every adapter dropout p: in train mode the logits vary with
+    the dropout masks; in eval mode they are peft's (dropout does nothing there)."""
+    lora = learner.module("lora")
+    learner.lib("torch").manual_seed(int(rng.integers(1 << 30)))
+    trusted, theirs, vocab = build_pair(learner, "gpt2", seed)
+    lora.inject_lora(theirs, ["c_attn", "c_fc"], 4, 8.0, 0.5)
+    oracle = peft_model(trusted, ["c_attn", "c_fc"], 4, 8.0, True)
+    adapters = random_adapters(oracle, torch_gen)
+    theirs.load_state_dict(adapters, strict=False)
+    ids = torch.randint(vocab, (2, 10), generator=torch_gen)
+    with torch.no_grad():
+        want = oracle(input_ids=ids).logits
+    theirs.train()
+    train_logits = theirs(ids).logits
+    theirs.eval()
+    call = "inject_lora(gpt2, ['c_attn', 'c_fc'], r=4, alpha=8, dropout=0.5)"
+    # float32, the same layers as peft's: only association order may differ.
+    assert_close(theirs(ids).logits, want, rtol=1e-4, atol=1e-5, call=f"{call}, eval mode: logits on ids[2,10]",
+                 hint="in eval mode dropout does nothing: the logits are base(x) + B(A(x)) * scaling")
+    check(not torch.allclose(train_logits, want, rtol=1e-4, atol=1e-4),
+          f"{call}: in train mode the logits equal the eval-mode ones, so no adapter applies dropout: pass dropout on to "
+          "every LoRALinear you create")

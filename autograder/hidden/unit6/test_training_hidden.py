@@ -1,5 +1,6 @@
 """Hidden tests, Unit 6 parts C-D: ppo_update against a reference loop run here from the same
-weights (made here) and seed (entropy bonus, gradient clipping, masks, early stop), PPO learning
+weights (made here) and seed (entropy bonus, gradient clipping, masks, early stop, the statistics
+averaged over the steps taken, one step and none, a target_kl of 0.0, the batch left as it was), PPO learning
 the gridworld and the toy RLHF task (the course's loops run here and call the learner's functions
 one at a time; returns, score and KL measured here), and on a GPU: per-token log-probs in bf16,
 against a loop."""
@@ -36,9 +37,13 @@ def _mean(x, m):
     return x.mean() if m is None else (x * m).sum() / m.sum()
 
 
+STATS = ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
+
+
 def reference_update(agent, optimizer, batch, cfg, generator, entropy_sign=1.0, clip_grads=True):
+    """The handout's loop; returns (steps, [each step's statistics as a dict])."""
     n = batch["advantages"].shape[0]
-    steps, kls = 0, []
+    steps, records = 0, []
     for _ in range(cfg["epochs"]):
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg["minibatch_size"]):
@@ -60,10 +65,12 @@ def reference_update(agent, optimizer, batch, cfg, generator, entropy_sign=1.0, 
             optimizer.step()
             steps += 1
             k3 = float(_mean((ratio - 1 - lr).detach(), m))
-            kls.append(k3)
+            clipped = ((ratio - 1).abs() > cfg["clip_eps"]).to(ratio.dtype)
+            records.append({"policy_loss": float(pg.detach()), "value_loss": float(vl.detach()),
+                            "entropy": float(_mean(ent.detach(), m)), "approx_kl": k3, "clipfrac": float(_mean(clipped, m))})
             if cfg.get("target_kl") is not None and k3 > cfg["target_kl"]:
-                return steps, kls
-    return steps, kls
+                return steps, records
+    return steps, records
 
 
 def _batch(rng, n, obs_dim, seq=None, agent=None):
@@ -93,41 +100,90 @@ def start_weights(learner, obs_dim, hidden, seed):
         return learner.course("envs").ActorCritic(obs_dim, 4, hidden, seed % 1000).state_dict()
 
 
-def _run_both(learner, rng, seed, cfg, n=50, seq=None, obs_dim=6, hidden=16, lr=1e-2, **ref_kwargs):
-    ppo, envs, torch_l = learner.module("ppo"), learner.module("envs"), learner.lib("torch")
-    start = start_weights(learner, obs_dim, hidden, seed)
-    agent = envs.ActorCritic(obs_dim, 4, hidden)  # a container on the learner's side, loaded with the weights made here
-    agent.load_state_dict(start)
+def _replay(start, batch, cfg, seed, lr, obs_dim=6, hidden=16, **ref_kwargs):
+    """The reference loop from the start weights, here: (weights, steps, per-step statistics)."""
     ref = RefActorCritic(obs_dim, 4, hidden)
     ref.load_state_dict(start)
-    batch = _batch(rng, n, obs_dim, seq, ref)
+    steps, records = reference_update(ref, torch.optim.Adam(ref.parameters(), lr=lr), batch, cfg,
+                                      torch.Generator().manual_seed(seed), **ref_kwargs)
+    return ref.state_dict(), steps, records
+
+
+def _run_both(learner, rng, seed, cfg, n=50, seq=None, obs_dim=6, hidden=16, lr=1e-2, start=None, batch=None):
+    ppo, envs, torch_l = learner.module("ppo"), learner.module("envs"), learner.lib("torch")
+    start = start_weights(learner, obs_dim, hidden, seed) if start is None else start
+    agent = envs.ActorCritic(obs_dim, 4, hidden)  # a container on the learner's side, loaded with the weights made here
+    agent.load_state_dict(start)
+    if batch is None:
+        probe = RefActorCritic(obs_dim, 4, hidden)
+        probe.load_state_dict(start)
+        batch = _batch(rng, n, obs_dim, seq, probe)
     opt = torch_l.optim.Adam(agent.parameters(), lr=lr)
     stats = ppo.ppo_update(agent, opt, batch, ppo.PPOConfig(**cfg), torch_l.Generator().manual_seed(seed))
-    ref_opt = torch.optim.Adam(ref.parameters(), lr=lr)
-    steps, kls = reference_update(ref, ref_opt, batch, cfg, torch.Generator().manual_seed(seed), **ref_kwargs)
-    return agent.state_dict(), ref.state_dict(), stats, steps, kls, batch
+    ref, steps, records = _replay(start, batch, cfg, seed, lr, obs_dim, hidden)
+    return agent.state_dict(), ref, stats, steps, records, batch, start
 
 
 CFG = dict(clip_eps=0.2, vf_clip_eps=0.2, vf_coef=0.5, ent_coef=0.05, epochs=3, minibatch_size=16,
            max_grad_norm=0.3, target_kl=None)
 
 
-def _compare(learner, rng, seed, cfg, what, **kw):
-    mine, ref, stats, steps, kls, batch = _run_both(learner, rng, seed, cfg, **kw)
+def _check_weights(mine, ref, what, mistakes=None):
+    """``mistakes``: {hint: a function giving the weights that mistake would give}, replayed here only
+    when a weight differs (a passing solution pays nothing for them)."""
+    # float32 training for 9-12 Adam steps: differences in summation order grow to ~1e-5
+    tol = dict(rtol=1e-3, atol=1e-4)
+    close = all(isinstance(mine.get(k), torch.Tensor) and mine[k].shape == v.shape
+                and torch.allclose(mine[k].double(), v.double(), **tol) for k, v in ref.items())
+    wrong = {} if close else {hint: replay() for hint, replay in (mistakes or {}).items()}
+    for name, reference in ref.items():
+        assert_close(mine[name], reference, **tol, call=f"{what}: weight {name} after ppo_update",
+                     mistakes={hint: weights[name] for hint, weights in wrong.items()},
+                     hint="compare with the handout: minibatches are consecutive slices of randperm(N, generator) "
+                          "(a new one each epoch); loss = pg - ent_coef * entropy + vf_coef * v_loss; clip the "
+                          "gradient norm between backward and step")
+
+
+def _check_stats(stats, steps, records, what, planned=None):
+    """Each statistic is the mean over the steps taken of what that step computed."""
     check(isinstance(stats, dict) and stats.get("steps") == steps,
           f"{what}: ppo_update returned {stats!r}; the reference took {steps} optimizer steps")
-    # float32 training for 9-10 Adam steps: differences in summation order grow to ~1e-5
-    for name, reference in ref.items():
-        assert_close(mine[name], reference, rtol=1e-3, atol=1e-4, call=f"{what}: weight {name} after ppo_update",
-                     hint="compare with the handout: minibatches are consecutive slices of randperm(N, generator); "
-                          "loss = pg - ent_coef * entropy + vf_coef * v_loss (the entropy is a BONUS); "
-                          "clip the gradient norm between backward and step")
-    return stats, kls
+    for key in STATS:
+        check(key in stats and isinstance(stats[key], float), f"{what}: ppo_update's result lacks a float {key!r}: {stats!r}")
+    for key in STATS:
+        values = [r[key] for r in records]
+        mistakes = {"average each statistic over the steps taken: sum of the steps' values / steps": sum(values)}
+        if len(values) > 1:
+            mistakes["average over every step, not only the last one"] = values[-1]
+        if planned and planned != steps:
+            mistakes[f"after an early stop average over the {steps} steps taken, not the {planned} planned"] = sum(values) / planned
+        # float32 statistics of float32 training (~1e-6); clipfrac counts ratios against 1 +- eps, and a
+        # ratio within ~1e-6 of the edge may fall on either side: one sample of 16 in one step is 1/16/steps
+        tol = dict(rtol=1e-3, atol=0.5 / (16 * steps)) if key == "clipfrac" else dict(rtol=1e-3, atol=1e-5)
+        assert_close(stats[key], sum(values) / len(values), call=f"{what}: ppo_update(...)[{key!r}], the mean over "
+                     f"the {steps} steps taken", mistakes=mistakes, **tol)
+
+
+def _compare(learner, rng, seed, cfg, what, **kw):
+    mine, ref, stats, steps, records, batch, start = _run_both(learner, rng, seed, cfg, **kw)
+    check(isinstance(stats, dict) and stats.get("steps") == steps,
+          f"{what}: ppo_update returned {stats!r}; the reference took {steps} optimizer steps")
+    lr = kw.get("lr", 1e-2)
+    clip_hint = "clip the gradient norm after loss.backward() and before optimizer.step() (clipping after the step changes nothing)"
+    wrong = {clip_hint: lambda: _replay(start, batch, cfg, seed, lr, clip_grads=False)[0]}
+    if cfg["ent_coef"]:
+        wrong["the entropy is a bonus: loss = pg_loss - ent_coef * entropy + vf_coef * v_loss"] = \
+            lambda: _replay(start, batch, cfg, seed, lr, entropy_sign=-1.0)[0]
+    _check_weights(mine, ref, what, wrong)
+    return stats, steps, records
 
 
 @pytest.mark.group("ppo_update")
 def test_update_matches_reference(learner, rng, seed):
-    _compare(learner, rng, seed, CFG, "ppo_update(50 samples, 3 epochs, minibatch 16, ent_coef .05, max_grad_norm .3)")
+    """The weights after the update, and the statistics it returns: each the mean over the steps taken."""
+    what = "ppo_update(50 samples, 3 epochs, minibatch 16, ent_coef .05, max_grad_norm .3)"
+    stats, steps, records = _compare(learner, rng, seed, CFG, what)
+    _check_stats(stats, steps, records, what)
 
 
 @pytest.mark.group("ppo_update")
@@ -137,13 +193,20 @@ def test_update_matches_reference_with_mask(learner, rng, seed):
 
 
 @pytest.mark.group("ppo_update")
-def test_update_returns_mean_statistics(learner, rng, seed):
-    stats, kls = _compare(learner, rng, seed, CFG, "ppo_update statistics")
-    for key in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac"):
-        check(key in stats and isinstance(stats[key], float), f"ppo_update's result lacks a float {key!r}: {stats!r}")
-    # float32 k3 of ratios near 1: ~1e-7 absolute per step
-    assert_close(stats["approx_kl"], statistics.mean(kls), rtol=1e-2, atol=1e-5,
-                 call="ppo_update(...)['approx_kl'], the mean k3 over the steps taken")
+def test_update_with_one_step_and_with_none(learner, rng, seed):
+    """One minibatch in one epoch: one step, whose statistics are the result; epochs=0: no step, the
+    weights as they were, every statistic 0.0 and steps 0."""
+    cfg = dict(CFG, epochs=1, minibatch_size=64)
+    mine, ref, stats, steps, records, _, _ = _run_both(learner, rng, seed, cfg)
+    _check_stats(stats, steps, records, "ppo_update(50 samples, 1 epoch, minibatch 64: one step)")
+    _check_weights(mine, ref, "ppo_update(50 samples, 1 epoch, minibatch 64: one step)")
+    mine, _, stats, _, _, _, start = _run_both(learner, rng, seed, dict(CFG, epochs=0))
+    expected = {**{k: 0.0 for k in STATS}, "steps": 0}
+    check(isinstance(stats, dict) and {k: stats.get(k) for k in expected} == expected,
+          f"ppo_update with epochs=0 returned {stats!r}; expected {expected} (no step: each statistic 0.0, not a "
+          "division by 0)")
+    moved = [k for k in start if not torch.equal(mine[k], start[k])]
+    check(not moved, f"ppo_update with epochs=0 changed the weights {moved[:3]}; it takes no step")
 
 
 @pytest.mark.group("ppo_update")
@@ -153,8 +216,9 @@ def test_early_stop_on_kl(learner, rng, seed):
     probe.load_state_dict(start_weights(learner, 6, 16, seed))
     state = np.random.default_rng(seed)
     batch = _batch(state, 50, 6, None, probe)
-    _, kls = reference_update(probe, torch.optim.Adam(probe.parameters(), lr=3e-2), batch, dict(CFG, target_kl=None),
-                              torch.Generator().manual_seed(seed))
+    _, records = reference_update(probe, torch.optim.Adam(probe.parameters(), lr=3e-2), batch, dict(CFG, target_kl=None),
+                                  torch.Generator().manual_seed(seed))
+    kls = [r["approx_kl"] for r in records]
     # stop where k3 first reaches a new maximum, as near the middle of the update as there is one
     # (else right after the first step): target_kl halfway between that k3 and the maximum before it
     records = [k for k in range(2, len(kls) + 1) if kls[k - 1] > max(kls[: k - 1])]
@@ -164,13 +228,64 @@ def test_early_stop_on_kl(learner, rng, seed):
     else:
         target = kls[0] / 2
     cfg = dict(CFG, target_kl=float(target))
-    mine, ref, stats, steps, _, _ = _run_both(learner, np.random.default_rng(seed), seed, cfg, lr=3e-2)
-    check(stats.get("steps") == steps,
-          f"ppo_update with target_kl={target:.3g} took {stats.get('steps')} steps; the reference took {steps} "
-          f"(of {len(kls)}): after each minibatch step, stop the whole update if its k3 > target_kl")
-    for name, reference in ref.items():
-        # float32, a few Adam steps
-        assert_close(mine[name], reference, rtol=1e-3, atol=1e-4, call=f"weight {name} after an early-stopped ppo_update")
+    mine, ref, stats, steps, records, _, _ = _run_both(learner, np.random.default_rng(seed), seed, cfg, lr=3e-2)
+    check(isinstance(stats, dict) and stats.get("steps") == steps,
+          f"ppo_update with target_kl={target:.3g} took {stats.get('steps') if isinstance(stats, dict) else stats!r} "
+          f"steps; the reference took {steps} (of {len(kls)}): after each minibatch step, stop the whole update if "
+          "its k3 > target_kl")
+    # float32, a few Adam steps
+    _check_weights(mine, ref, "an early-stopped ppo_update")
+    _check_stats(stats, steps, records, f"ppo_update stopped early by target_kl={target:.3g} after {steps} steps",
+                 planned=len(kls))
+
+
+@pytest.mark.group("ppo_update")
+def test_target_kl_of_zero(learner, rng, seed):
+    """target_kl=0.0 is a target, not "off": the first minibatch's k3 is exactly 0 (logp_old is the
+    agent's own log-prob: its actor's last layer is zero, so every row's logits are exactly 0), which
+    does not exceed 0.0; after one step the policy has moved, k3 > 0 and the update stops: 2 steps."""
+    start = {k: v.clone() for k, v in start_weights(learner, 6, 16, seed).items()}
+    start["actor.2.weight"].zero_()
+    start["actor.2.bias"].zero_()
+    batch = _batch(rng, 50, 6, None, RefActorCritic(6, 4, 16))
+    batch["logp_old"] = torch.log_softmax(torch.zeros(50, 4), -1)[:, 0]  # exactly what the agent gives, every row
+    cfg = dict(CFG, target_kl=0.0)
+    mine, ref, stats, steps, records, _, _ = _run_both(learner, rng, seed, cfg, start=start, batch=batch)
+    check(steps == 2 and records[0]["approx_kl"] == 0.0, f"test set-up: the reference took {steps} steps")
+    got = stats.get("steps") if isinstance(stats, dict) else stats
+    check(got == 2, f"ppo_update with target_kl=0.0 took {got!r} steps; expected 2: the first minibatch's k3 is exactly 0 "
+                    "(ratio 1 everywhere), which does not exceed 0.0 (stop when k3 > target_kl, strictly); the second's "
+                    "is > 0. A target_kl of 0.0 is not 'off': test `is not None`")
+    _check_weights(mine, ref, "ppo_update with target_kl=0.0 (2 steps)")
+    _check_stats(stats, steps, records, "ppo_update stopped by target_kl=0.0 after 2 steps", planned=12)
+
+
+@pytest.mark.group("ppo_update")
+def test_update_leaves_the_batch_unchanged(learner, rng, seed):
+    """The caller's batch (kept in the learner's process, where ppo_update sees it) holds afterwards
+    what it held before: ppo_update uses the advantages as given and does not write into the batch."""
+    ppo, envs, torch_l, copy_l = learner.module("ppo"), learner.module("envs"), learner.lib("torch"), learner.lib("copy")
+    start = start_weights(learner, 6, 16, seed)
+    probe = RefActorCritic(6, 4, 16)
+    probe.load_state_dict(start)
+    batch = _batch(rng, 24, 6, None, probe)  # no mask: a mask of ones added to the caller's batch shows too
+    agent = envs.ActorCritic(6, 4, 16)
+    agent.load_state_dict(start)
+    kept = learner.harness("call_stored", copy_l.deepcopy, [batch])
+    cfg = dict(CFG, minibatch_size=8)
+    learner.harness("call_stored", ppo.ppo_update, [agent, torch_l.optim.Adam(agent.parameters(), lr=1e-2), kept,
+                                                    ppo.PPOConfig(**cfg), torch_l.Generator().manual_seed(seed)])
+    # the update itself must be right too (one that does nothing leaves the batch alone as well)
+    _check_weights(agent.state_dict(), _replay(start, batch, cfg, seed, 1e-2)[0], "ppo_update(24 samples, minibatch 8)")
+    after = learner.harness("fetch", kept)
+    check(isinstance(after, dict) and after.keys() == batch.keys(),
+          f"after ppo_update the batch's keys are {sorted(after) if isinstance(after, dict) else type(after).__name__}; "
+          f"expected {sorted(batch)}: do not add, remove or replace entries of the caller's batch")
+    for key, sent in batch.items():
+        now = after[key]
+        same = isinstance(now, torch.Tensor) and now.shape == sent.shape and now.dtype == sent.dtype and torch.equal(now, sent)
+        check(same, f"ppo_update changed batch[{key!r}] ({tuple(sent.shape)}) in place; the caller reuses the batch "
+                    "(and the advantages are used as given): compute into new tensors")
 
 
 # --- D. end to end: the course's loops, run here with the learner's functions ----------------------

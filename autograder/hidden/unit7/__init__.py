@@ -1,0 +1,1 @@
+"""Hidden tests of Unit 7 (a package so that the test files share _common)."""

@@ -1,0 +1,74 @@
+"""Part D: decoding your model: temperature, top-k and nucleus (top-p) filtering, and a generate()
+loop that uses a cache (the course's ``cache.ConcatCache`` in the tests, your Unit 4 ``KVCache`` in
+``course capstone``).  Hugging Face's logits warpers (``TemperatureLogitsWarper``,
+``TopKLogitsWarper``, ``TopPLogitsWarper``, applied in that order) are the grader's oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """logits [b, V] -> a new tensor: logits / temperature, then every logit outside the top-k set to
+    -inf, then every logit outside the nucleus set to -inf.  The input is not changed.
+
+    top-k: remove every logit smaller than the k-th largest (ties with it stay); k > V keeps all.
+    top-p: with the probabilities (softmax of what is left) sorted from the most likely down and c_i
+    the total of the first i of them (c_0 = 0), keep token i while c_i < top_p: the smallest set of most
+    likely tokens whose total reaches top_p (the most likely token always stays; top_p = 1 keeps all).
+    """
+    # TODO: z = logits / temperature; top-k with topk(...).values[:, -1:] (min(k, V));
+    # top-p: sort descending, p = softmax, before = cumsum(p) - p; remove where before >= top_p
+    # (scatter the sorted decision back to the vocabulary order); masked_fill(-inf).
+    ### BEGIN SOLUTION
+    z = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p is not None:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        p = torch.softmax(sorted_z, dim=-1)
+        before = torch.cumsum(p, dim=-1) - p
+        remove_sorted = before >= top_p
+        remove_sorted[:, 0] = False
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        z = z.masked_fill(remove, float("-inf"))
+    return z
+    ### END SOLUTION
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, cache=None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue ``prompt_ids`` ([b, t] int64, t >= 1, no padding) by ``max_new_tokens`` tokens; returns
+    [b, t + max_new_tokens].  Each step takes the last position's logits: temperature 0 is greedy
+    (argmax); otherwise probs = softmax(filter_logits(logits, temperature, top_k, top_p)) and one
+    ``torch.multinomial(probs, 1, generator=generator)`` draw per step (one token per row).
+    ``cache`` (empty, with Unit 4's interface): one forward pass over the prompt through it, then one
+    pass per new token, of that token alone.  Without a cache every step runs the model on the whole
+    sequence so far.  ValueError if t + max_new_tokens exceeds model.config.max_seq_len."""
+    # TODO: check the length; logits = model(prompt_ids, cache=cache) (or model(prompt_ids));
+    # loop: pick the next token from logits[:, -1]; append; unless it was the last, run the model on
+    # the new token (cached) or on everything (uncached).
+    ### BEGIN SOLUTION
+    total = prompt_ids.shape[1] + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"{total} positions requested; the model takes {model.config.max_seq_len}")
+    logits = model(prompt_ids, cache=cache) if cache is not None else model(prompt_ids)
+    tokens = [prompt_ids]
+    for step in range(max_new_tokens):
+        last = logits[:, -1]
+        if temperature == 0:
+            nxt = last.argmax(dim=-1, keepdim=True)
+        else:
+            probs = torch.softmax(filter_logits(last, temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        tokens.append(nxt)
+        if step == max_new_tokens - 1:
+            break
+        logits = model(nxt, cache=cache) if cache is not None else model(torch.cat(tokens, dim=1))
+    return torch.cat(tokens, dim=1)
+    ### END SOLUTION
