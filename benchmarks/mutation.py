@@ -41,6 +41,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ SCORES = REPO_ROOT / "tests" / "mutants" / "SCORES.md"
 EQUIVALENT = REPO_ROOT / "tests" / "mutants" / "equivalent.yml"
 # What a worker's copy of the course needs to grade: never the venv, the git store or the sessions.
 COPIED = ("autograder", "benchmarks", "exercises", "solutions", "course.yml", "pyproject.toml")
+PRISTINE = ".pristine"  # in each worker's copy: solutions/ as it was, the references the hidden tests use
 EXCLUDED = re.compile(r"ReplaceBinaryOperator_(Add|Sub|Mul|Div|FloorDiv|Mod|Pow)_(RShift|LShift|BitOr|BitAnd|BitXor)$")
 
 
@@ -88,15 +90,33 @@ def regions_hash(course: Course, unit_id: str) -> str:
 
 def grade_mutant(unit_id: str, budget: float) -> int:
     """Grade ./solutions (mutated in place by the worker) with the unit's hidden suite alone, stopping
-    at the first failure; exit 1 when any graded hidden test fails, 0 when the mutant survives."""
+    at the first failure; exit 1 when any graded hidden test fails, 0 when the mutant survives.
+
+    The mutated tree is copied and graded as a submission, and ./solutions gets its pristine learner
+    files back first: the hidden tests compute their references from solutions/ (course_code), and a
+    mutant there would otherwise change the expected values along with the learner's (cosmic-ray puts
+    the original file back after the run in any case).  Outside a worker's copy (the baseline run)
+    ./solutions is the pristine tree itself."""
+    course = load_course()
+    submission = Path(tempfile.mkdtemp(prefix="mutant-"))
+    shutil.copytree(REPO_ROOT / "solutions", submission / "solutions", ignore=shutil.ignore_patterns("__pycache__"))
+    if (REPO_ROOT / PRISTINE).is_dir():
+        for rel in learner_files(course, unit_id):
+            shutil.copy2(REPO_ROOT / PRISTINE / rel, REPO_ROOT / rel)
+    try:
+        return _grade_submission(course, unit_id, submission / "solutions", budget)
+    finally:
+        shutil.rmtree(submission, ignore_errors=True)
+
+
+def _grade_submission(course: Course, unit_id: str, submission: Path, budget: float) -> int:
     from autograder.runner import grade
 
-    course = load_course()
     # The grader's own limit stops a mutant that loops forever before cosmic-ray's timeout does.
     limits = course.limits_for(course.unit(unit_id)).model_copy(update={"unit_timeout": budget})
     course = course.model_copy(update={"units": [u.model_copy(update={"limits": limits}) if u.id == unit_id else u
                                                  for u in course.units]})
-    report = grade(course, REPO_ROOT / "solutions", [unit_id], visible=False, isolation="inprocess",
+    report = grade(course, submission, [unit_id], visible=False, isolation="inprocess",
                    extra_args=["-x", "-m", "not gpu"])
     result = report.units[0]
     failed = [t for t in result.tests if t.status not in ("passed", "not_graded")]
@@ -125,6 +145,8 @@ def _copy_course(target: Path) -> None:
             shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.ipynb"))
         else:
             shutil.copy2(source, target / name)
+    shutil.copytree(REPO_ROOT / "solutions", target / PRISTINE / "solutions",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.ipynb"))
 
 
 def _start_workers(count: int) -> list[tuple[subprocess.Popen, str]]:
@@ -314,16 +336,17 @@ def write_scores(course: Course) -> list[dict]:
     lines = ["# Mutation scores of the hidden suites",
              "",
              "Made by `python -m benchmarks.mutation` (cosmic-ray's operators, inside the solution regions only;",
-             "each mutant graded by the unit's hidden suite through `runner.grade`). Score = killed / (mutants -",
-             "equivalent); the equivalent mutants and their reasons are in `equivalent.yml`. `make test` checks",
-             "that each unit's regions still hash to the value below.",
+             "each mutant graded by the unit's hidden suite through `runner.grade`, against references from the",
+             "pristine solutions). Score = killed / (mutants - equivalent - not yet graded); the equivalent mutants",
+             "and their reasons are in `equivalent.yml`. `make test` checks that each unit's regions still hash to",
+             "the value below.",
              "",
-             "| unit | mutants | killed | survived | equivalent | score | run time | regions hash |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| unit | mutants | killed | survived | equivalent | not yet graded | score | run time | regions hash |",
+             "|---|---|---|---|---|---|---|---|---|"]
     done = {unit_id for unit_id, _ in rows}
     for unit_id, counts in rows:
         lines.append(f"| {unit_id} | {counts.mutants} | {counts.killed} | {counts.survived} | {counts.equivalent} | "
-                     f"{counts.score:.1%} | {counts.seconds / 60:.0f} min | {counts.regions_hash} |")
+                     f"{counts.pending} | {counts.score:.1%} | {counts.seconds / 60:.0f} min | {counts.regions_hash} |")
     for unit_id, row in old.items():
         if unit_id not in done:
             lines.append(row["line"])
@@ -332,13 +355,13 @@ def write_scores(course: Course) -> list[dict]:
 
 
 def read_scores() -> dict[str, dict]:
-    """unit -> its row of SCORES.md: {"hash", "score", "line"}."""
+    """unit -> its row of SCORES.md: {"hash", "score", "pending", "line"}."""
     rows = {}
     if SCORES.exists():
         for line in SCORES.read_text(encoding="utf-8").splitlines():
             cells = [c.strip() for c in line.strip("|").split("|")]
-            if len(cells) == 8 and re.fullmatch(r"unit\d+", cells[0]):  # not the header row
-                rows[cells[0]] = {"hash": cells[7], "score": cells[5], "line": line}
+            if len(cells) == 9 and re.fullmatch(r"unit\d+", cells[0]):  # not the header row
+                rows[cells[0]] = {"hash": cells[8], "score": cells[6], "pending": int(cells[5]), "line": line}
     return rows
 
 

@@ -102,3 +102,20 @@ def test_gpu_mutants_apply_to_the_solutions(tmp_path):
     for mutant in mutants:
         root = copy_solutions(tmp_path / mutant["name"])
         apply(root, COURSE.unit(mutant["unit"]).dir, mutant)
+
+
+@pytest.mark.parametrize("unit_id", [u.id for u in COURSE.units])
+def test_no_visible_test_shares_a_name_with_a_hidden_one(unit_id):
+    """With hidden_feedback "none" a report names no hidden test; a visible test of the same name
+    would name it anyway."""
+    import ast
+
+    from autograder.runner import HIDDEN_ROOT
+
+    def names(paths):
+        return {node.name for path in paths for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+
+    unit = COURSE.unit(unit_id)
+    shared = names((REPO_ROOT / "solutions" / unit.dir).glob("test_*.py")) & names((HIDDEN_ROOT / unit_id).glob("test_*.py"))
+    assert not shared, f"{unit_id}: visible and hidden tests share the names {sorted(shared)}"

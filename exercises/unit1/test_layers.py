@@ -102,7 +102,7 @@ def _adam(start, grads, lr, betas, eps, bias_correction=True, eps_inside=False):
 
 
 @pytest.mark.group("training")
-def test_adam_matches_torch(learner):
+def test_adam_steps_match_torch(learner):
     """Three Adam steps against torch.optim.Adam.  The gradients of b are tiny (1e-7), where the
     place of eps decides the step."""
     import torch

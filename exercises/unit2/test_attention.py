@@ -81,7 +81,7 @@ def test_fully_masked_row_gives_zeros(learner):
 
 
 @pytest.mark.group("mha")
-def test_split_and_merge_heads(learner):
+def test_split_and_merge_heads_round_trip(learner):
     attention = learner.module("attention")
     mha = attention.MultiHeadAttention(12, 3)
     x = torch.arange(2 * 5 * 12, dtype=torch.float32).reshape(2, 5, 12)

@@ -107,7 +107,7 @@ def test_special_tokens_are_never_split(learner):
 
 
 @pytest.mark.group("encode")
-def test_overlapping_special_tokens_longest_first(learner):
+def test_overlapping_special_tokens_by_hand(learner):
     specials = [EOT, "<|a|>", "<|a|><|a|>"]
     text = "x<|a|><|a|><|a|>y"
     ids = tokenizer(learner, specials=specials).encode(text)

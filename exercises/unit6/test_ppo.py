@@ -74,7 +74,7 @@ def test_masked_mean_ignores_garbage(learner):
 
 
 @pytest.mark.group("masked_ops")
-def test_masked_whiten(learner):
+def test_masked_whiten_by_hand(learner):
     ppo = learner.module("ppo")
     x = torch.tensor([1.0, 2.0, 3.0, 1e3])
     mask = torch.tensor([1.0, 1.0, 1.0, 0.0])

@@ -20,7 +20,7 @@ def test_encode_example_masks_the_prompt(learner):
 
 
 @pytest.mark.group("finetune")
-def test_response_loss(learner):
+def test_response_loss_by_hand(learner):
     ft = learner.module("finetune")
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 11, generator=g)

@@ -45,7 +45,7 @@ def _set_adapter(layer, a, b):
 
 
 @pytest.mark.group("lora_layer")
-def test_scaling(learner):
+def test_scaling_alpha_over_r(learner):
     lora = learner.module("lora")
     check(lora.lora_scaling(8, 16, False) == 2.0, "lora_scaling(r=8, alpha=16) should be alpha / r = 2")
     check(lora.lora_scaling(4, 8, True) == 4.0, "lora_scaling(r=4, alpha=8, use_rslora=True) should be alpha / sqrt(r) = 4")
@@ -68,7 +68,7 @@ def test_init_leaves_the_model_unchanged(learner):
 
 @pytest.mark.group("lora_layer")
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_forward(learner, kind):
+def test_forward_adds_the_scaled_branch(learner, kind):
     lora = learner.module("lora")
     g = torch.Generator().manual_seed(1)
     base, w, b = _base(learner, kind, 10, 6, g)
@@ -85,7 +85,7 @@ def test_forward(learner, kind):
 
 @pytest.mark.group("lora_layer")
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-def test_dropout_only_on_the_lora_branch(learner, kind):
+def test_dropout_masks_the_lora_input_only(learner, kind):
     lora = learner.module("lora")
     learner.lib("torch").manual_seed(0)
     g = torch.Generator().manual_seed(5)

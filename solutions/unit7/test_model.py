@@ -63,7 +63,7 @@ def test_causal_mask_after_a_prefix(learner):
 
 
 @pytest.mark.group("model")
-def test_logits_match_llama(learner):
+def test_logits_match_llama_small(learner):
     o = _oracles(learner)
     cfg = o.gpt_config()
     state = o.fresh_weights(cfg, 0, torch.float64)

@@ -473,7 +473,7 @@ def test_decode_step_compiles_once(learner, rng, seed):
             "no .item() / int(slot) / slicing by slot: index_copy_ to write, a mask over all max_len slots to read",
             learner.harness, "compiled_decode", kv.decode_step, model, cache, idx, 0)
     check(not scalar_reads, f"torch.compile(decode_step) turns slot into a Python number: {next(iter(scalar_reads), '')}. Shapes then "
-                            "depend on data, so a CUDA graph captured at one slot cannot serve the next. Hint: "
+                            "depend on data, so a CUDA graph captured at one slot cannot serve the next.\nHint: "
                             "index_copy_ to write, a mask over all max_len slots to read (seen inside your process)")
     check(graphs == 1, f"torch.compile(decode_step, fullgraph=True) compiled {graphs} graphs for {total} steps (counted "
                        "inside your process): a Python value that changes per step (cache.length, an int slot) is "

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from autograder.checks import assert_close, check
+from autograder.course_code import reference_module
 
 # --- a reference ppo_update, on the trusted side -----------------------------------------------
 
@@ -291,16 +292,32 @@ def test_update_leaves_the_batch_unchanged(learner, rng, seed):
 # --- D. end to end: the course's loops, run here with the learner's functions ----------------------
 
 
+def _seed_the_reference_solves(train, seed: int, solved) -> int:
+    """The task's seed: the grading seed's, or the next one the reference solution itself solves with
+    the same budget, run here.  A few seeds (the gridworld's 8353: about 1 in 1,000) start where 10
+    updates of correct PPO do not reach the goal; a learner is judged only where correct code learns."""
+    for k in range(20):
+        candidate = (seed + k) % 10_000
+        if solved(train(candidate, ppo=reference_module("unit6.ppo"))):
+            return candidate
+    raise AssertionError(f"the reference solution solves none of the seeds from {seed % 10_000} on (a course bug)")
+
+
+def _gridworld_solved(history) -> bool:
+    return history[-1]["return"] >= 0.7 and history[-1]["greedy_return"] >= 0.85
+
+
 @pytest.mark.group("end_to_end")
 def test_gridworld_reaches_the_goal(learner, seed, record_property):
     envs, loops = learner.course("envs"), learner.course("graded_loops")  # the course's environment and loop, here
+    task_seed = _seed_the_reference_solves(lambda s, ppo: envs.train_gridworld(s, 10, ppo=ppo), seed, _gridworld_solved)
     with loops.LearnerPPO(learner, loops.gridworld_agent(learner), 90, "PPO on the gridworld") as ppo:
-        history = envs.train_gridworld(seed % 10_000, 10, ppo=ppo)
+        history = envs.train_gridworld(task_seed, 10, ppo=ppo)
     first, last = history[0], history[-1]
-    record_property("figures", f"seed {seed % 10_000}: return {first['return']:.2f} -> {last['return']:.2f}, greedy "
+    record_property("figures", f"seed {task_seed}: return {first['return']:.2f} -> {last['return']:.2f}, greedy "
                                f"{last['greedy_return']:.2f} after 10 updates ({ppo.calls} calls of your functions)")
-    check(last["return"] >= 0.7 and last["greedy_return"] >= 0.85,
-          f"PPO on the 5x5 gridworld (seed {seed % 10_000}, 10 updates): mean return {first['return']:.2f} -> "
+    check(_gridworld_solved(history),
+          f"PPO on the 5x5 gridworld (seed {task_seed}, 10 updates): mean return {first['return']:.2f} -> "
           f"{last['return']:.2f}, greedy {last['greedy_return']:.2f}; expected >= 0.7 and greedy 0.86 (the best). "
           "Check compute_gae's dones and the sign of the policy loss")
 

@@ -76,7 +76,7 @@ def test_rmsnorm_bf16_statistic_in_float32(learner, torch_gen):
     far = ((got.float() - want.float()).abs() > 1.01 * ulp).any().item()
     check(differ <= 0.05 and not far,
           f"RMSNorm(x[16,{dim}] bf16): {differ:.1%} of the values differ from the float32 computation rounded once to "
-          f"bf16{' (some by more than one bf16 step)' if far else ''}; expected under 5%. Hint: compute mean(x^2) and "
+          f"bf16{' (some by more than one bf16 step)' if far else ''}; expected under 5%.\nHint: compute mean(x^2) and "
           "rsqrt in float32 (promote_types(x.dtype, float32)), then cast the normalised x back to bf16")
 
 
@@ -154,7 +154,7 @@ def test_apply_rope_bf16_in_float32(learner, torch_gen):
           "(return x's dtype)")
     differ = (got.float() != want.float()).float().mean().item()
     check(differ <= 0.05, f"apply_rope(x bf16, positions 1000-4000): {differ:.1%} of the values differ from the float32 "
-                          "computation rounded once to bf16; expected under 5%. Hint: cast x, cos and sin to float32 "
+                          "computation rounded once to bf16; expected under 5%.\nHint: cast x, cos and sin to float32 "
                           "(promote_types(x.dtype, float32)) before rotating, and round to bf16 only at the end")
 
 
@@ -170,7 +170,7 @@ def test_causal_mask_with_offset(learner, start, t):
           f"causal_mask({start}, {t}) gave {getattr(got, 'dtype', type(got))} {tuple(getattr(got, 'shape', ()))}; "
           f"expected bool ({t}, {start + t})")
     top_left = torch.ones(t, start + t, dtype=torch.bool).tril()
-    hint = (" Hint: query i sits at position start + i: it sees keys 0 .. start + i (a plain tril() of [t, start + t] "
+    hint = ("\nHint: query i sits at position start + i: it sees keys 0 .. start + i (a plain tril() of [t, start + t] "
             "is aligned to the top left, as is SDPA's is_causal: wrong once a cache holds earlier tokens)"
             if start and torch.equal(got, top_left) else "")
     check(torch.equal(got, want), f"causal_mask({start}, {t}) = {got.int().tolist()}; expected {want.int().tolist()}.{hint}")
@@ -332,7 +332,7 @@ def test_head_is_tied_to_the_embedding(learner, seed):
     after = gpt.state_dict()
     check(torch.equal(after["lm_head.weight"], after["model.embed_tokens.weight"]),
           "after load_state_dict with a head different from the embedding, GPT's lm_head.weight and "
-          "model.embed_tokens.weight differ: the head is not tied. Hint: self.lm_head.weight = "
+          "model.embed_tokens.weight differ: the head is not tied.\nHint: self.lm_head.weight = "
           "self.model.embed_tokens.weight (one Parameter, used twice)")
 
 

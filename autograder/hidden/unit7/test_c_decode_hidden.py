@@ -82,8 +82,8 @@ def test_filter_logits_matches_the_warpers(learner, seed, rows, vocab, temperatu
     check(torch.equal(kept_got, kept_want),
           f"{what} keeps {kept_got.sum(-1).tolist()} tokens per row; Hugging Face's warpers keep {kept_want.sum(-1).tolist()} "
           f"(first row: yours {kept_got[0].nonzero().flatten().tolist()[:12]}, theirs {kept_want[0].nonzero().flatten().tolist()[:12]})"
-          + "".join(f" Hint: {m}" for m in mistakes)
-          + (" Hint: top-p keeps the smallest set of most likely tokens whose probability reaches top_p (the most likely "
+          + "".join(f"\nHint: {m}" for m in mistakes)
+          + ("\nHint: top-p keeps the smallest set of most likely tokens whose probability reaches top_p (the most likely "
              "always stays), computed on what top-k left" if not mistakes and top_p is not None else ""))
     assert_close(got[kept_want], want[kept_want], **EXACT, call=what + ": the kept logits",
                  hint="the kept logits are logits / temperature, unchanged otherwise")
@@ -112,7 +112,7 @@ def test_filter_logits_ties_and_exact_edges(learner):
         hint = ("tokens tied with the k-th largest logit stay (remove only logits smaller than it)" if p is None else
                 "keep token i while the total probability of the tokens before it is below top_p: a set that reaches "
                 "top_p exactly is complete (compare with <, not <=)")
-        check(kept == count and subset, f"{what} keeps {kept} tokens; expected {count}. Hint: {hint}")
+        check(kept == count and subset, f"{what} keeps {kept} tokens; expected {count}.\nHint: {hint}")
 
 
 @pytest.mark.group("decode")
@@ -120,7 +120,8 @@ def test_filter_logits_leaves_its_input_alone(learner, torch_gen):
     """Called on a tensor kept in your process, filter_logits must not write into it."""
     logits = torch.randn(2, 20, generator=torch_gen, dtype=torch.float64)
     kept = learner.harness("call_stored", learner.lib("torch").clone, [logits])
-    learner.harness("call_stored", learner.module("sample").filter_logits, [kept, 1.0, 3, 0.5])
+    # temperature 0.7: dividing in place by 1.0 would change nothing and hide the write
+    learner.harness("call_stored", learner.module("sample").filter_logits, [kept, 0.7, 3, 0.5])
     after = learner.harness("fetch", kept)
     check(torch.equal(after, logits), "filter_logits changed the logits it was given (in place); return a new tensor "
                                       "(masked_fill, not masked_fill_)")
@@ -150,8 +151,13 @@ def test_generate_greedy_and_sampled_match_a_replay(learner, seed, cached):
     o = oracles()
     cfg = o.gpt_config(max_seq_len=40)
     state = o.fresh_weights(cfg, seed, torch.float64)
-    # larger logits than at initialisation, so that greedy and sampled continuations are far from ties
+    # larger logits than at initialisation, so that greedy and sampled continuations are far from ties, and
+    # larger attention and MLP outputs, so that the earlier tokens change the next one (at initialisation the
+    # residual stream is mostly the current token's embedding: a model fed the last token alone would agree)
     state["model.norm.weight"] = state["model.norm.weight"] * 40
+    for name in state:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            state[name] = state[name] * 30
     hf = o.to_llama(state, cfg)
     prompt = torch.randint(0, cfg["vocab_size"], (3, 4), generator=torch.Generator().manual_seed(seed))
     gpt = o.learner_gpt(learner, cfg, state)

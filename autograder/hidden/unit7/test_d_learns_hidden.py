@@ -68,13 +68,13 @@ def test_validation_loss_near_the_limit(learner, seed, record_property):
     gap = f["val"] - f["best"]
     hint = ""
     if f["val"] > f["bigram"] - 0.02:
-        hint = (" Hint: that is about what a model that sees only the previous word gets: the model does not use the "
+        hint = ("\nHint: that is about what a model that sees only the previous word gets: the model does not use the "
                 "earlier words (attention, RoPE, the causal mask?)")
     elif f["last"] < f["best"] - 0.1:
-        hint = (" Hint: the training loss is below the best possible loss: the model sees the tokens it predicts (is "
+        hint = ("\nHint: the training loss is below the best possible loss: the model sees the tokens it predicts (is "
                 "the attention causal?)")
     elif f["last"] > f["first"] - 0.5:
-        hint = " Hint: the training loss hardly fell: check the learning rate each step gets and that the optimizer steps"
+        hint = "\nHint: the training loss hardly fell: check the learning rate each step gets and that the optimizer steps"
     check(gap <= MARGIN,
           f"after {RUN['total_steps']} steps your model's validation loss is {f['val']:.4f} nats per token, "
           f"{gap:+.4f} from the best possible {f['best']:.4f} on the same windows (the source's entropy rate is "

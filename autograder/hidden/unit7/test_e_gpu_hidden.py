@@ -113,7 +113,7 @@ def test_gpu_bf16_training_against_a_reference(learner, seed, record_property):
     check(mine_tps >= 0.35 * ref_tps,
           f"train on the GPU (bf16 autocast, {params / 1e6:.1f}M parameters, {tc['total_steps']} steps of "
           f"{tc['batch_size']}x{tc['block_size']} tokens): {mine_tps:,.0f} tokens/s, {mine_tps / ref_tps:.2f} of the reference's "
-          f"{ref_tps:,.0f}; expected at least 0.35. Hint: no .item() or float() per parameter in the optimizer or the "
+          f"{ref_tps:,.0f}; expected at least 0.35.\nHint: no .item() or float() per parameter in the optimizer or the "
           "clipping (each one waits for the GPU); scaled_dot_product_attention with is_causal=True uses the fused kernels")
     check(mine_val <= ref_val + 0.05, f"after training on the GPU your model's validation loss is {mine_val:.4f}; the "
                                      f"reference reaches {ref_val:.4f} with the same data and steps; expected within 0.05")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from autograder.checks import assert_close, check
+from autograder.course_code import reference_module
 
 
 @pytest.fixture(autouse=True)
@@ -279,7 +280,8 @@ def test_dpo_learns_the_preference_rule(learner, seed, record_property):
     end = tasks.evaluate_preferences(policy, reference, held_out, 0.1)
     record_property("figures", f"seed {s}: held-out accuracy {start['accuracy']:.2f} -> {end['accuracy']:.2f}, margin "
                                f"{end['margin']:.3f}, KL {end['kl']:.3f} nats/token after 100 steps ({dpo.steps} calls)")
-    # Calibration (seeds 0-4): accuracy 0.82-0.97, margin 0.64-1.02, KL 1.3-1.7 with the course's solution;
+    # Calibration (seeds 0-4, and 30 random seeds): accuracy 0.82-0.97, margin 0.48-1.31, KL 1.2-1.9 with the
+    # course's solution;
     # a policy that does not move scores 0 (every margin is exactly 0); chosen and rejected swapped: ~0.05
     check(end["accuracy"] >= 0.7 and end["margin"] >= 0.2,
           f"DPO (seed {s}, 100 steps of 32 pairs): held-out reward accuracy {end['accuracy']:.2f}, margin "
@@ -290,10 +292,31 @@ def test_dpo_learns_the_preference_rule(learner, seed, record_property):
     check(all(isinstance(h.get("loss"), float) for h in history), "dpo_step's 'loss' must be a float at every step")
 
 
+def _grpo_run(tasks, s: int, grpo) -> tuple[float, float]:
+    """(mean reward of the first 10 updates, of the last 10): 150 updates from the policy of seed s + 1."""
+    policy = tasks.new_policy(s + 1)
+    history = tasks.train_grpo(policy, tasks.frozen_copy(policy), updates=150, seed=s, grpo=grpo)
+    return statistics.mean(h["reward"] for h in history[:10]), statistics.mean(h["reward"] for h in history[-10:])
+
+
+def _seed_the_reference_solves(tasks, seed: int) -> int:
+    """The task's seed: the grading seed's, or the next one where the reference solution itself,
+    run here, ends above the bar.  A few seeds (9264: 0.27 after 150 updates; about 1 in 30 of a
+    sweep) are harder than the bar; a learner is judged only where correct code gets there."""
+    for k in range(20):
+        candidate = (seed + k) % 10_000
+        if _grpo_run(tasks, candidate, reference_module("unit8.grpo"))[1] >= GRPO_BAR:
+            return candidate
+    raise AssertionError(f"the reference solution passes none of the seeds from {seed % 10_000} on (a course bug)")
+
+
+GRPO_BAR = 0.3  # the last 10 updates' mean reward: a fresh policy gets about 1/16
+
+
 @pytest.mark.group("end_to_end")
 def test_grpo_raises_the_reward(learner, seed, record_property):
     tasks, loops = learner.course("tasks"), learner.course("graded_loops")  # sampling, rewards and loop here
-    s = seed % 10_000
+    s = _seed_the_reference_solves(tasks, seed)
     policy = tasks.new_policy(s + 1)
     reference = tasks.frozen_copy(policy)
     with loops.LearnerSteps(learner, "grpo", 150, "GRPO on arithmetic") as grpo:
@@ -303,9 +326,10 @@ def test_grpo_raises_the_reward(learner, seed, record_property):
     greedy = tasks.greedy_accuracy(policy)
     record_property("figures", f"seed {s}: mean reward {first:.2f} -> {last:.2f}, greedy accuracy {greedy:.2f}, sampled KL "
                                f"{history[-1]['sampled_kl']:.2f} after 150 updates")
-    # Calibration (seeds 0-4): first 10 updates 0.06-0.08, last 10 0.43-0.60 with the course's solution; a step that
-    # does not learn stays near 1/16; advantages with the wrong sign drive the reward to 0
+    # Calibration (the course's solution, 30 random seeds): first 10 updates 0.05-0.09, last 10 0.27-0.67, the one
+    # seed under the bar (9264) skipped by _seed_the_reference_solves; a step that does not learn stays near 1/16;
+    # advantages with the wrong sign drive the reward to 0
     check(first <= 0.2, f"GRPO (seed {s}): the mean reward of the first 10 updates is {first:.2f}; a fresh policy gets about 1/16")
-    check(last >= 0.3, f"GRPO on arithmetic (seed {s}): the mean reward rose from {first:.2f} (first 10 updates) to only "
-                       f"{last:.2f} (last 10 of 150), measured here on the responses your weights sampled; expected >= 0.3. "
+    check(last >= GRPO_BAR, f"GRPO on arithmetic (seed {s}): the mean reward rose from {first:.2f} (first 10 updates) to only "
+                       f"{last:.2f} (last 10 of 150), measured here on the responses your weights sampled; expected >= {GRPO_BAR}. "
                        "Check the sign of the advantages and of the surrogate")

@@ -1,0 +1,33 @@
+"""The committed mutation table (tests/mutants/SCORES.md, made by `python -m benchmarks.mutation`)
+describes the solutions as they are: each unit's solution regions still hash to the value its run
+recorded, a finished run meets the goal, and every mutant listed as equivalent says why."""
+
+import pytest
+
+from autograder.manifest import load_course
+from benchmarks.mutation import load_equivalent, read_scores, regions_hash
+
+COURSE = load_course()
+ROWS = read_scores()
+GOAL = 0.95  # killed / (mutants - equivalent), per unit
+
+
+@pytest.mark.parametrize("unit_id", sorted(ROWS))
+def test_scores_row_is_current(unit_id):
+    assert ROWS[unit_id]["hash"] == regions_hash(COURSE, unit_id), (
+        f"{unit_id}'s solution regions changed after its mutation run: run python -m benchmarks.mutation --unit "
+        f"{unit_id} --restart (and handle its survivors)")
+
+
+@pytest.mark.parametrize("unit_id", sorted(u for u, row in ROWS.items() if row["pending"] == 0))
+def test_finished_run_meets_the_goal(unit_id):
+    score = float(ROWS[unit_id]["score"].rstrip("%")) / 100
+    assert score >= GOAL, f"{unit_id}: mutation score {score:.1%} is under the {GOAL:.0%} goal"
+
+
+def test_every_equivalent_mutant_has_a_reason():
+    units = {u.id for u in COURSE.units}
+    for entry in load_equivalent():
+        assert {"unit", "file", "original", "mutated", "reason"} <= set(entry), entry
+        assert entry["unit"] in units and entry["original"] != entry["mutated"], entry
+        assert len(entry["reason"].split()) >= 4, f"say why this mutant breaks no promise: {entry}"
