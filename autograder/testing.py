@@ -5,9 +5,10 @@ Everything here runs on the trusted side and reaches learner code only through a
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -89,3 +90,29 @@ def baseline_cpu_seconds(run: Callable[[], Any], threads: int = 1) -> tuple[Any,
         return result, time.process_time() - start
     finally:
         torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread on this side: the expected values are small tensor computations, which on
+    a busy machine are many times slower when torch's threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bf16_matmul_flops(n: int = 8192, repeats: int = 10) -> float:
+    """The bf16 matmul throughput of this GPU, measured here (FLOP/s): the denominator of MFU."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize()
+    return repeats * 2 * n ** 3 / (time.perf_counter() - start)

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from autograder.testing import bf16_matmul_flops
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Part C's graded run (autograder/hidden/unit7/test_d_learns_hidden.py) and Part E's model.
@@ -150,18 +152,6 @@ def learns(u, seed: int, replay: bool) -> None:
 # --- GPU: Part E's model, tokens/s and MFU ----------------------------------------------------------
 
 
-def matmul_peak() -> float:
-    """bf16 matmul FLOP/s of this GPU, measured here: the denominator of MFU."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - start)
 
 
 def llama_train_cuda(o, hf, data, tc) -> None:
@@ -213,7 +203,7 @@ def gpu(u) -> None:
     ref = time.perf_counter() - start
     params = u.model.num_parameters(gpt)
     per_token = flops_per_token(params, GPU_MODEL["n_layer"], GPU_MODEL["d_model"], GPU_RUN["block_size"])
-    peak = matmul_peak()
+    peak = bf16_matmul_flops()
     windows = src.random_windows(src.sample_ids(60_000, 7), 256, GPU_RUN["block_size"] + 1, 0)
     mine_val = o.windows_loss(o.to_llama({k: v.float().cpu() for k, v in gpt.state_dict().items()}, cfg,
                                          torch.float32, exact=False).cuda(), windows)

@@ -5,7 +5,6 @@ Every input is made here and every reference is torch's own layer_norm, run here
 forward and backward run in the worker through harness helpers (autograd_forward/backward); what
 they return is always compared with torch here, never trusted because it agrees with itself."""
 
-import contextlib
 import math
 import re
 import statistics
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from autograder.checks import assert_close, check
-from autograder.testing import remote_differentiable
+from autograder.testing import one_torch_thread, remote_differentiable
 
 
 def _inputs(gen, shape, dtype=torch.float64, device="cpu"):
@@ -179,16 +178,6 @@ KEPT_LIMIT = 2.5
 HELD_LIMIT = 4 * 2**20
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """torch on one thread here: small reference computations are much faster so on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
 
 def _random(shape, seed, scale=1.0):
     """Uniform in [-scale, scale), float64, from a seed: made here, and on the learner's side by
@@ -245,7 +234,7 @@ def _backward_matches_torch(learner, shape, seed, stored):
     call = f"layer_norm(x{list(shape)} float64, w[{d}], b[{d}])"
     for k, (x, y) in enumerate(zip(xs, ys)):
         harness("call_stored", torch_lib.Tensor.backward, [y, gy_stored])
-        with _one_thread():
+        with one_torch_thread():
             xr = _random(shape, seed + 3 + k, 2.0)
             yr, gx, _, _ = _reference(xr[index], wr, br, gy[index])
             var, mean = torch.var_mean(xr, -1, unbiased=False, keepdim=True)

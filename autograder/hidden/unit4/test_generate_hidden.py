@@ -19,7 +19,7 @@ import torch
 
 from autograder.checks import CheckFailure, assert_close, check
 from autograder.client import LearnerError, WorkerDied
-from autograder.testing import baseline_cpu_seconds
+from autograder.testing import baseline_cpu_seconds, one_torch_thread
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -28,10 +28,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 def one_torch_thread_here():
     """The expected values are small tensor computations on this side: one torch thread for them
     (on a busy machine, torch's threads waiting on each other make them up to 50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def config(rng) -> dict:

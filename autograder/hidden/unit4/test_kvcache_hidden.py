@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from autograder.checks import CheckFailure, assert_close, check
+from autograder.testing import one_torch_thread
 from autograder.client import LearnerError, WorkerDied
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -26,10 +27,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 def one_torch_thread_here():
     """The expected values are small tensor computations on this side: one torch thread for them
     (on a busy machine, torch's threads waiting on each other make them up to 50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def config(rng) -> dict:

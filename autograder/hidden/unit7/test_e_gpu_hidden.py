@@ -16,24 +16,13 @@ import torch.nn.functional as F
 
 from autograder.checks import check
 from autograder.hidden.unit7._common import oracles, source
+from autograder.testing import bf16_matmul_flops
 
 MODEL = dict(vocab_size=42, d_model=384, n_layer=7, n_head=6, d_mlp=1024, max_seq_len=256)  # ~12.4M parameters
 RUN = dict(batch_size=32, block_size=256, accum_steps=1, total_steps=60, warmup_steps=10, max_lr=1e-3, min_lr=1e-4,
            weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0, seed=0)
 
 
-def matmul_peak_flops() -> float:
-    """The bf16 matmul throughput of this GPU, measured here (FLOP/s): the denominator of MFU."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    torch.cuda.synchronize()
-    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - start)
 
 
 def reference_train_cuda(hf, data: np.ndarray, tc: dict) -> list[float]:
@@ -88,7 +77,7 @@ def test_gpu_bf16_training_against_a_reference(learner, seed, record_property):
 
     params = sum(p.numel() for p in hf.parameters())
     flops_per_token = 6 * params + 12 * MODEL["n_layer"] * MODEL["d_model"] * tc["block_size"]
-    peak = matmul_peak_flops()
+    peak = bf16_matmul_flops()
     mine_tps, ref_tps = tokens / mine_seconds, tokens / ref_seconds
     windows = src.random_windows(src.sample_ids(60_000, (seed + 7) % 1_000_003), 256, tc["block_size"] + 1, seed % 997)
     mine_hf = o.to_llama({k: v.float().cpu() for k, v in gpt.state_dict().items()}, cfg, torch.float32, exact=False).cuda()

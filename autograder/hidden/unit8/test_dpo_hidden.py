@@ -18,15 +18,14 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from autograder.checks import assert_close, check
+from autograder.testing import one_torch_thread
 
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny tensors: one torch thread here is several times faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 SETTINGS = dict(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 

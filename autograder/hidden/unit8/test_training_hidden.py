@@ -17,16 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from autograder.checks import assert_close, check
+from autograder.testing import one_torch_thread
 from autograder.course_code import reference_module
 
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Tiny tensors: one torch thread here is several times faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 CONFIG = dict(vocab_size=16, n_positions=16, n_embd=32, n_layer=2, n_head=2)
 
