@@ -325,8 +325,8 @@ def test_train_step_under_bf16_autocast(learner, seed):
     is ~1e-2 away (the final norm's weight is large); the gradients stay float32, like the weights."""
     o = oracles()
     cfg = o.gpt_config(d_model=64, d_mlp=128, n_layer=1)
-    # The inputs are chosen here so that bf16 visibly moves the loss (by more than 5e-4; a draw moves it
-    # by ~1e-2, a few by less): the next draw is taken until one does.
+    # The inputs are chosen here so that bf16 visibly moves the loss (by more than 5e-3; a draw moves it
+    # by 1e-2 to 5e-2, one in five by less): the next draw is taken until one does.
     for draw in range(seed, seed + 20):
         state = o.fresh_weights(cfg, draw, torch.float32)
         for name in state:
@@ -337,15 +337,18 @@ def test_train_step_under_bf16_autocast(learner, seed):
         hf = o.to_llama(state, cfg, torch.float32, exact=False)
         want = o.reference_step(hf, o.reference_optimizer(hf, TC), micro, 0.0, None, autocast_dtype=torch.bfloat16)[0]
         plain = o.reference_step(hf, o.reference_optimizer(hf, TC), micro, 0.0, None)[0]
-        if abs(want - plain) > 5e-4:
+        if abs(want - plain) > 5e-3:
             break
-    check(abs(want - plain) > 5e-4, f"test set-up: bf16 changes the loss by only {abs(want - plain):.2g} here (a course bug)")
+    check(abs(want - plain) > 5e-3, f"test set-up: bf16 changes the loss by only {abs(want - plain):.2g} here (a course bug)")
     gpt = o.learner_gpt(learner, cfg, state, torch.float32)
     got = learner.module("train").accumulate_gradients(gpt, micro, torch.bfloat16)
     what = "accumulate_gradients(GPT float32, 2 micro-batches [8, 32], autocast_dtype=torch.bfloat16)"
     hint = ("\nHint: that is the float32 loss: run the forward pass and the loss inside torch.autocast(device_type="
-            "x.device.type, dtype=autocast_dtype)" if abs(got - plain) < 1e-4 else "")
-    check(isinstance(got, float) and abs(got - want) <= 1e-5,
+            "x.device.type, dtype=autocast_dtype)" if abs(got - plain) < 1e-3 else "")
+    # Correct code lands within 4e-6 of the oracle on most draws, but a float32 norm output one ulp away
+    # can round to the other bf16 neighbour and move a logit by 2**-8 of its size: 1.1e-5 was seen on one
+    # draw in 8 (1e-5 failed it).  1e-3 allows several such flips and is still 5x closer than the float32 loss.
+    check(isinstance(got, float) and abs(got - want) <= 1e-3,
           f"{what} gave the loss {got!r}; Llama under torch.autocast(cpu, bfloat16) gives {want:.7f} (and {plain:.7f} in "
           f"float32).{hint}")
     grad = o.learner_grads(learner, gpt, ["model.layers.0.self_attn.q_proj.weight"])["model.layers.0.self_attn.q_proj.weight"]
