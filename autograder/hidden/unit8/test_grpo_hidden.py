@@ -346,6 +346,13 @@ def test_grpo_loss_at_ratio_one_is_the_policy_gradient(learner, rng, aggregation
                       "(0 off the mask)")
     assert_close(out[1]["kl"], torch.tensor(0.0, dtype=torch.float64), atol=1e-12, call=call + "[1]['kl']")
     assert_close(out[1]["clipfrac"], torch.tensor(0.0, dtype=torch.float64), atol=0.0, call=call + "[1]['clipfrac']")
+    # clip_eps=0: every ratio is exactly 1, the edge of [1 - 0, 1 + 0] and not beyond it, so nothing is clipped
+    # and the loss is the same (a clipped token would be counted by r >= 1 + eps or r <= 1 - eps)
+    edge = grpo.grpo_loss(logp, logp.clone(), logp.clone(), adv, m, 0.0, 0.1, aggregation)
+    assert_close(edge[0], want_loss, rtol=1e-10, atol=1e-12, call=call.replace("aggregation", "clip_eps=0.0, aggregation") + "[0]")
+    assert_close(edge[1]["clipfrac"], torch.tensor(0.0, dtype=torch.float64), atol=0.0,
+                 call=call.replace("aggregation", "clip_eps=0.0, aggregation") + "[1]['clipfrac']",
+                 hint="a token is clipped only beyond the range: r > 1 + eps (A > 0) or r < 1 - eps (A < 0), strictly")
 
 
 @pytest.mark.group("grpo_loss")

@@ -227,14 +227,15 @@ def grpo_replay(policy, reference, batch, cfg, lr, *, old_each_time=False, group
 
 
 @pytest.mark.group("steps")
-@pytest.mark.parametrize("aggregation, scale", [("sequence", True), ("token", False)])
-def test_grpo_step_against_replay(learner, rng, seed, aggregation, scale):
+# iterations=1 too: the statistics are then those of the one step (a mean over max(steps, 2) halves them)
+@pytest.mark.parametrize("aggregation, scale, iterations", [("sequence", True, 3), ("token", False, 3), ("token", True, 1)])
+def test_grpo_step_against_replay(learner, rng, seed, aggregation, scale, iterations):
     grpo, torch_l = learner.module("grpo"), learner.lib("torch")
     policy, reference = trusted_models(learner, seed + 7)
     G = 4
     batch = grpo_batch(rng, 3 * G, G)
-    cfg = dict(group_size=G, clip_eps=0.1, beta=0.2, scale_rewards=scale, aggregation=aggregation, iterations=3,
-               max_grad_norm=0.5)
+    cfg = dict(group_size=G, clip_eps=0.1, beta=0.2, scale_rewards=scale, aggregation=aggregation,
+               iterations=iterations, max_grad_norm=0.5)
     lr = 0.3  # large SGD steps: the ratios leave [1 - eps, 1 + eps] by the third iteration
     mine_policy, mine_ref = learner_copy(learner, policy), learner_copy(learner, reference)
     stats = grpo.grpo_step(mine_policy, mine_ref, torch_l.optim.SGD(mine_policy.parameters(), lr=lr), batch,
@@ -249,16 +250,40 @@ def test_grpo_step_against_replay(learner, rng, seed, aggregation, scale):
         mistakes["the advantages' std is each group's own, not the batch's"] = \
             lambda: grpo_replay(policy, reference, batch, cfg, lr, group_std=False)[0]
     _check_weights(mine_policy.state_dict(), want, what, mistakes)
-    check(isinstance(stats, dict) and stats.get("steps") == 3,
-          f"{what} returned {stats!r}; expected a dict with 'steps': 3 (one optimizer step per iteration)")
-    check(want_stats["clipfrac"] > 0, f"test set-up: no token was clipped ({want_stats})")
+    check(isinstance(stats, dict) and stats.get("steps") == iterations,
+          f"{what} returned {stats!r}; expected a dict with 'steps': {iterations} (one optimizer step per iteration)")
+    # one iteration: every ratio is exactly 1 (logp_old is the policy itself), so nothing can be clipped
+    check(want_stats["clipfrac"] > 0 or iterations == 1, f"test set-up: no token was clipped ({want_stats})")
     for key in ("loss", "kl", "clipfrac"):
         # float32; clipfrac counts ratios against 1 +- eps, where one token of ~30 may fall either side
         tol = dict(rtol=1e-3, atol=0.04) if key == "clipfrac" else dict(rtol=1e-3, atol=1e-5)
-        assert_close(stats.get(key), want_stats[key], call=f"{what}[{key!r}] (the mean over the 3 iterations)", **tol)
+        assert_close(stats.get(key), want_stats[key], call=f"{what}[{key!r}] (the mean over the {iterations} iteration(s))",
+                     **tol)
     ref_after = mine_ref.state_dict()
     check(all(torch.equal(ref_after[k], v) for k, v in reference.state_dict().items()),
           f"{what} changed the reference's weights: only the policy is trained")
+
+
+@pytest.mark.group("steps")
+def test_grpo_step_with_no_iterations(learner, rng, seed):
+    """iterations=0, the edge of the contract: no step, the policy unchanged, and the statistics of no
+    step (0.0, and 'steps': 0), not a ZeroDivisionError."""
+    grpo, torch_l = learner.module("grpo"), learner.lib("torch")
+    policy, reference = trusted_models(learner, seed + 11)
+    G = 4
+    batch = grpo_batch(rng, 2 * G, G)
+    mine_policy, mine_ref = learner_copy(learner, policy), learner_copy(learner, reference)
+    cfg = dict(group_size=G, iterations=0)
+    what = f"grpo_step(policy, reference, SGD(lr=0.3), 8 responses in 2 groups of 4, GRPOConfig({cfg}))"
+    stats = grpo.grpo_step(mine_policy, mine_ref, torch_l.optim.SGD(mine_policy.parameters(), lr=0.3), batch,
+                           grpo.GRPOConfig(**cfg))
+    check(isinstance(stats, dict) and stats.get("steps") == 0
+          and all(stats.get(key) == 0.0 for key in ("loss", "kl", "clipfrac")),
+          f"{what} returned {stats!r}; expected {{'loss': 0.0, 'kl': 0.0, 'clipfrac': 0.0, 'steps': 0}}"
+          "\nHint: the mean over no iterations: divide the totals by max(steps, 1)")
+    after = mine_policy.state_dict()
+    check(all(torch.equal(after[k], v) for k, v in policy.state_dict().items()),
+          f"{what} changed the policy's weights: zero iterations take no optimizer step")
 
 
 # --- D. end to end: the course's loops run here with the learner's steps ------------------------------------
