@@ -262,28 +262,19 @@ def test_grpo_step_against_replay(learner, rng, seed, aggregation, scale, iterat
     ref_after = mine_ref.state_dict()
     check(all(torch.equal(ref_after[k], v) for k, v in reference.state_dict().items()),
           f"{what} changed the reference's weights: only the policy is trained")
+    if iterations == 1:  # and its edge, iterations=0: no step, the statistics of no step, no ZeroDivisionError
+        idle_policy = learner_copy(learner, policy)
+        none = dict(cfg, iterations=0)
+        idle = grpo.grpo_step(idle_policy, learner_copy(learner, reference),
+                              torch_l.optim.SGD(idle_policy.parameters(), lr=lr), batch, grpo.GRPOConfig(**none))
+        check(isinstance(idle, dict) and idle.get("steps") == 0
+              and all(idle.get(key) == 0.0 for key in ("loss", "kl", "clipfrac")),
+              f"grpo_step(..., GRPOConfig({none})) returned {idle!r}; expected {{'loss': 0.0, 'kl': 0.0, 'clipfrac': "
+              "0.0, 'steps': 0}\nHint: the mean over no iterations: divide the totals by max(steps, 1)")
+        after = idle_policy.state_dict()
+        check(all(torch.equal(after[k], v) for k, v in policy.state_dict().items()),
+              f"grpo_step(..., GRPOConfig({none})) changed the policy's weights: zero iterations take no step")
 
-
-@pytest.mark.group("steps")
-def test_grpo_step_with_no_iterations(learner, rng, seed):
-    """iterations=0, the edge of the contract: no step, the policy unchanged, and the statistics of no
-    step (0.0, and 'steps': 0), not a ZeroDivisionError."""
-    grpo, torch_l = learner.module("grpo"), learner.lib("torch")
-    policy, reference = trusted_models(learner, seed + 11)
-    G = 4
-    batch = grpo_batch(rng, 2 * G, G)
-    mine_policy, mine_ref = learner_copy(learner, policy), learner_copy(learner, reference)
-    cfg = dict(group_size=G, iterations=0)
-    what = f"grpo_step(policy, reference, SGD(lr=0.3), 8 responses in 2 groups of 4, GRPOConfig({cfg}))"
-    stats = grpo.grpo_step(mine_policy, mine_ref, torch_l.optim.SGD(mine_policy.parameters(), lr=0.3), batch,
-                           grpo.GRPOConfig(**cfg))
-    check(isinstance(stats, dict) and stats.get("steps") == 0
-          and all(stats.get(key) == 0.0 for key in ("loss", "kl", "clipfrac")),
-          f"{what} returned {stats!r}; expected {{'loss': 0.0, 'kl': 0.0, 'clipfrac': 0.0, 'steps': 0}}"
-          "\nHint: the mean over no iterations: divide the totals by max(steps, 1)")
-    after = mine_policy.state_dict()
-    check(all(torch.equal(after[k], v) for k, v in policy.state_dict().items()),
-          f"{what} changed the policy's weights: zero iterations take no optimizer step")
 
 
 # --- D. end to end: the course's loops run here with the learner's steps ------------------------------------
