@@ -385,7 +385,11 @@ class WorkerBackend(Backend):
         self.call_timeout = call_timeout
         self.worker = None
         self.standby = None  # a fresh worker started ahead of the next restart()
+        # Tests still to come that call restart() (the plugin counts those marked fresh_worker): a
+        # standby is kept only while one is ahead, since each start-up costs a second of CPU.
+        self.fresh_ahead = 0
         self.restarts = 0
+        self.unplanned_restarts = 0  # restart() calls that found no standby: a test not marked fresh_worker
         # Imports that killed or hung the worker: a module that does so at import will do so again,
         # so later tests fail at once with the same reason instead of restarting the worker each time.
         self.fatal_imports: dict[str, LearnerError] = {}
@@ -420,6 +424,9 @@ class WorkerBackend(Backend):
             except (EOFError, OSError):
                 reason = self.worker.death_reason()
                 raise WorkerStartFailed("WorkerDied", f"the worker process could not start: {reason}", []) from None
+            if self.fresh_ahead > 0 and self.standby is None:
+                # Started once this worker is ready, so that two start-ups never compete.
+                self.standby = self.spawn()
         return self.worker
 
     def request(self, request: dict, call: Callable[[], str]) -> Any:
@@ -477,9 +484,11 @@ class WorkerBackend(Backend):
                 self.worker = None
                 self.generation += 1
                 self.pending_release = []
-            # The fresh worker was already started at the last restart (a standby, idle since its
-            # start-up, so still fresh), and the next one starts now, while the test goes on.
-            self.worker, self.standby = self.standby or self.spawn(), self.spawn()
+            # The fresh worker was started ahead (a standby, idle since its start-up, so still
+            # fresh); the next standby starts once this one is ready (see _ensure_worker).
+            if self.standby is None:
+                self.unplanned_restarts += 1
+            self.worker, self.standby = self.standby or self.spawn(), None
 
     def input_dir(self) -> tuple[Path, str]:
         return self.spawn.inputs, self.spawn.inputs_path()

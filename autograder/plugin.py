@@ -10,6 +10,7 @@ Loaded with ``-p autograder.plugin`` (pyproject.toml does it for every pytest ru
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -62,6 +63,8 @@ class CourseState:
         self.cuda = _cuda_available()
         self.learners: dict[tuple[str, str], Learner] = {}
         self.spawners = []
+        # Per unit, the selected tests marked fresh_worker that have not started yet.
+        self.fresh_ahead: collections.Counter[str] = collections.Counter()
 
     # where a test belongs ---------------------------------------------------------
     def unit_of(self, path: Path) -> tuple[Unit, Path, str] | None:
@@ -95,6 +98,7 @@ class CourseState:
                                   work_dir=Path(self.work_dir) if self.work_dir else None, gpu=unit.id in self.gpu_units)
                 self.spawners.append(spawner)
                 backend = WorkerBackend(spawner, self.config.getoption("call_timeout") or limits.call_timeout)
+                backend.fresh_ahead = self.fresh_ahead[unit.id]
             else:  # a learner's own pytest run
                 backend = InProcessBackend(root)
             self.learners[key] = Learner(backend, unit.dir)
@@ -125,6 +129,8 @@ def _hypothesis_for_grading(grading_seed: str) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "group(name): the course.yml scoring group of a graded test")
+    config.addinivalue_line("markers", "fresh_worker: the test calls learner.restart() (a graded run keeps a fresh "
+                                       "worker started ahead for it)")
     state = CourseState(config)
     config.stash[_STATE] = state
     if state.submission:
@@ -173,6 +179,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash[_STATE]
     tests = [info for item in session.items if (info := _test_info(state, item))]
     state.gpu_units = {t["unit"] for t in tests if t["gpu"]} if state.cuda else set()
+    state.fresh_ahead.update(info["unit"] for item in session.items
+                             if item.get_closest_marker("fresh_worker") and (info := _test_info(state, item)))
     state.write({"event": "collected", "tests": tests, "cuda": state.cuda})
 
 
@@ -183,6 +191,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     info = _test_info(state, item)
     if info is None:
         return
+    if item.get_closest_marker("fresh_worker"):
+        state.fresh_ahead[info["unit"]] -= 1
+        for (unit_id, _), learner in state.learners.items():
+            if unit_id == info["unit"] and isinstance(learner.backend, WorkerBackend):
+                learner.backend.fresh_ahead = state.fresh_ahead[unit_id]
     unit = state.course.unit(info["unit"])
     if info["group"] is None or unit.group(info["group"]) is None:
         known = ", ".join(g.id for g in unit.groups)
@@ -298,4 +311,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     levels = sorted({l.backend.isolation for l in state.learners.values()})
     weaker = sorted({s.weaker_because for s in state.spawners if s.weaker_because})
     restarts = sum(getattr(l.backend, "restarts", 0) for l in state.learners.values())
-    state.write({"event": "finished", "isolation": levels, "isolation_note": weaker, "worker_restarts": restarts})
+    unplanned = sum(getattr(l.backend, "unplanned_restarts", 0) for l in state.learners.values())
+    state.write({"event": "finished", "isolation": levels, "isolation_note": weaker, "worker_restarts": restarts,
+                 "unplanned_restarts": unplanned})

@@ -105,6 +105,7 @@ def run_unit(course: Course, unit: Unit, submission_root: Path, *, isolation: st
     outcomes = {r["nodeid"]: r for r in records if r.get("event") == "result"}
     finished = next((r for r in records if r.get("event") == "finished"), {})
     result.isolation = ", ".join(finished.get("isolation", [])) or isolation
+    result.unplanned_restarts = finished.get("unplanned_restarts", 0)
     tail = console.decode("utf-8", errors="replace")[-3000:]
     if collected is None:
         result.error = f"the tests of {unit.id} could not be collected (a course problem, not yours):\n{tail}"

@@ -61,6 +61,9 @@ class UnitResult:
     isolation: str = ""
     seconds: float = 0.0
     error: str | None = None  # the unit could not be graded (a course problem, not the learner's)
+    # learner.restart() calls that found no worker started ahead: a test not marked fresh_worker,
+    # which waited for a whole start-up (the course's tests check there are none)
+    unplanned_restarts: int = 0
 
 
 @dataclass

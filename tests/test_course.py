@@ -21,6 +21,8 @@ def test_solutions_score_full_marks(course, unit_id):
     assert not wrong, "the solution fails:\n" + "\n".join(wrong)
     assert unit.score == pytest.approx(unit.max_score) and unit.max_score > 0
     assert report.isolation in ("bwrap", "user"), f"grading ran without a sandbox: {report.isolation_note}"
+    assert unit.unplanned_restarts == 0, ("a test calls learner.restart() without @pytest.mark.fresh_worker, so "
+                                          "it waits for a whole worker start-up instead of finding one started ahead")
 
 
 @pytest.mark.parametrize("unit_id", [u.id for u in COURSE.units])

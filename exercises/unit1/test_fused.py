@@ -84,6 +84,7 @@ def _stored(learner, shape, seed, scale=1.0, leaf=True):
     return learner.harness("call_stored", torch_lib.Tensor.requires_grad_, [made]) if leaf else made
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("fused")
 def test_saves_only_what_backward_needs(learner, seed):
     """What layer_norm keeps for backward, measured two ways.  In your process (a helper of the

@@ -135,6 +135,7 @@ def fresh_blockwise(learner):
     return learner.module("blockwise")
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("blockwise")
 def test_blockwise_never_builds_the_score_matrix(learner, record_property):
     """Peak memory of blockwise_attention at 4096 tokens, measured by the grader from outside your

@@ -182,6 +182,7 @@ def fresh_worker(learner, reuse_after: str | None = None) -> None:
 BIG_CACHE = (2, 4, 4, 4096, 64)  # n_layer, batch, n_head, max_len, head_dim
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("cache")
 def test_storage_never_moves(learner, record_property):
     """append / advance / reset write into the storage __init__ made, and never allocate it again.

@@ -250,6 +250,7 @@ def _backward_matches_torch(learner, shape, seed, stored):
                      atol=1e-9, call=f"{call}: {name}, accumulated over the {FORWARDS} calls' backward")
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("fused")
 def test_saves_at_most_xhat_rstd_weight(learner, torch_gen, seed, record_property):
     """What layer_norm keeps for backward, measured two ways.

@@ -358,6 +358,7 @@ def memory_failure(call: str, cost, budget: int, until: str, hints: str, hint: s
             f"{hints}\nHint: {hint}")
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("blockwise")
 def test_forward_memory_is_blockwise(learner, torch_gen, record_property):
     """blockwise_attention at 4096 tokens: its peak memory, from the fresh worker's start (the import
@@ -387,6 +388,7 @@ def test_forward_memory_is_blockwise(learner, torch_gen, record_property):
                                     "and import nothing heavy in blockwise.py (the import counts too)"))
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("blockwise_backward")
 def test_saves_no_score_matrix(learner, torch_gen, record_property):
     """memory_efficient_attention forward + backward at 4096 tokens, run in a fresh worker by the

@@ -474,6 +474,7 @@ STREAM_BYTES = 1_500_000
 STREAM_BUDGET = 8 << 20
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("stream")
 def test_encode_iterable_memory_is_bounded(learner, seed, record_property):
     """encode_iterable over an open 1.5 MB file in a fresh worker, the ids consumed on the learner's side

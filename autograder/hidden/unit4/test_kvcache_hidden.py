@@ -387,6 +387,7 @@ def fresh_worker(learner, reuse_after: str | None = None) -> None:
 BIG_CACHE = (2, 8, 4, 4096, 64)  # n_layer, batch, n_head, max_len, head_dim: 2*8*4*4096*64 floats
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("cache")
 def test_storage_is_allocated_once(learner, torch_gen, record_property):
     """append / advance / reset write into the storage that __init__ made and never allocate it

@@ -386,6 +386,7 @@ def test_encode_dataset_through_datasets(learner, seed):
                 "line.split() and keep the lines in order")
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("step_data")
 def test_memmap_reads_only_the_windows(learner, seed):
     """A 64 MiB token file: load_tokens must map it, not read it (the anonymous memory it keeps is
@@ -453,6 +454,7 @@ def test_get_batch_refuses_data_too_short(learner):
 # --- checkpoints ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("checkpoint")
 def test_resume_is_bit_exact_in_a_fresh_worker(learner, seed):
     """6 steps in one go, and 3 steps saved to a checkpoint, whose bytes are carried to a fresh worker

@@ -264,6 +264,7 @@ def graph_bytes(model, ids, attention):
     return total[0]
 
 
+@pytest.mark.fresh_worker
 @pytest.mark.group("padded_batches")
 def test_reference_keeps_no_graph(learner, rng, seed, record_property):
     """The reference's pass under no_grad: its peak memory, measured from outside the worker (its cgroup,
