@@ -11,6 +11,7 @@ Loaded with ``-p autograder.plugin`` (pyproject.toml does it for every pytest ru
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -246,6 +247,42 @@ def _timed_out(state: "CourseState", item: pytest.Item, exc: BaseException) -> s
             "changes, a generator that never stops)?")
 
 
+class TodoReached(BaseException):
+    """A TODO escaped one example of a Hypothesis test.  Hypothesis lets a BaseException through at
+    once: every other example would stop at the same TODO, so shrinking them (hundreds of calls into
+    the learner's process) teaches nothing.  Reported as the TODO itself."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _is_todo(exc: BaseException) -> bool:
+    return ((isinstance(exc, LearnerError) and exc.is_todo)
+            or (isinstance(exc, NotImplementedError) and str(exc).startswith("TODO")))
+
+
+def _stopping_at_todo(inner_test):
+    @functools.wraps(inner_test)
+    def run(*args, **kwargs):
+        try:
+            return inner_test(*args, **kwargs)
+        except Exception as exc:
+            if _is_todo(exc):
+                raise TodoReached(exc) from exc
+            raise
+
+    run.stops_at_todo = True
+    return run
+
+
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # Hypothesis documents .hypothesis.inner_test as the place to change how each example runs.
+    hypothesis = getattr(getattr(item, "obj", None), "hypothesis", None)
+    if hypothesis is not None and not getattr(hypothesis.inner_test, "stops_at_todo", False):
+        hypothesis.inner_test = _stopping_at_todo(hypothesis.inner_test)
+
+
 def teaching_message(excinfo: pytest.ExceptionInfo) -> str:
     exc = excinfo.value
     if isinstance(exc, (CheckFailure, LearnerError)):
@@ -260,25 +297,28 @@ def teaching_message(excinfo: pytest.ExceptionInfo) -> str:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if call.excinfo is not None and report.failed:
-        message = teaching_message(call.excinfo)
-        timed_out = _timed_out(item.config.stash[_STATE], item, call.excinfo.value)
+    excinfo = call.excinfo
+    if excinfo is not None and isinstance(excinfo.value, TodoReached):
+        excinfo = pytest.ExceptionInfo.from_exception(excinfo.value.error)
+    if excinfo is not None and report.failed:
+        message = teaching_message(excinfo)
+        timed_out = _timed_out(item.config.stash[_STATE], item, excinfo.value)
         if timed_out:
             found = item.config.stash[_STATE].unit_of(item.path)
             learner_dir = (found[1] / found[0].dir).resolve() if found else None
-            where = [e for e in call.excinfo.traceback if learner_dir and Path(str(e.path)).resolve().is_relative_to(learner_dir)
+            where = [e for e in excinfo.traceback if learner_dir and Path(str(e.path)).resolve().is_relative_to(learner_dir)
                      and not Path(str(e.path)).name.startswith("test_")]
             if where:
                 timed_out += f" It was running {Path(str(where[-1].path)).name} line {where[-1].lineno + 1}."
             message = report.longrepr = timed_out
         report.course_message = message
-        exc = call.excinfo.value
+        exc = excinfo.value
         state = item.config.stash[_STATE]
         # A learner sees a short message for a TODO; in grading, no trusted-side traceback.
         if isinstance(exc, LearnerError) and (exc.is_todo or state.submission):
             report.longrepr = message
         elif isinstance(exc, NotImplementedError) and str(exc).startswith("TODO"):
-            tb = call.excinfo.traceback[-1]
+            tb = excinfo.traceback[-1]
             report.longrepr = f"{exc} (not written yet: {Path(str(tb.path)).name} line {tb.lineno + 1})"
             report.course_message = report.longrepr
 

@@ -1,6 +1,7 @@
 """`course grade` end to end: reports, bad input, zips, the submit round trip."""
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -152,3 +153,28 @@ def test_passing_tests_report_what_they_measured(tmp_path, feedback):
     assert "256 new tokens" in outputs["visible"] and "x)" in outputs["visible"]
     # A course that shows nothing of its hidden tests shows nothing of what they measured either.
     assert ("256 new tokens" in outputs["hidden"]) == (feedback != "none")
+
+
+def test_a_todo_stops_a_hypothesis_test_at_its_first_example(tmp_path):
+    """Shrinking examples that all stop at the same TODO costs a stub hundreds of calls into its
+    worker and teaches nothing: the plugin ends the test at the first one, reported as the TODO."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    (tmp_path / "test_todo.py").write_text(
+        "from hypothesis import given, strategies as st\n"
+        "CALLS = []\n"
+        "@given(st.text())\n"
+        "def test_stub(text):\n"
+        "    CALLS.append(text)\n"
+        "    raise NotImplementedError('TODO: fill in tokenize')\n"
+        "@given(st.integers())\n"
+        "def test_wrong(x):\n"
+        "    assert x < 100\n"
+        "def test_one_example_ran():\n"
+        "    assert len(CALLS) == 1, CALLS\n")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "autograder.plugin", "-p", "no:cacheprovider", "-q",
+                          "test_todo.py"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert "2 failed, 1 passed" in run.stdout, run.stdout + run.stderr
+    assert "TODO: fill in tokenize (not written yet: test_todo.py line 6)" in run.stdout, run.stdout
+    # A real failure is still shrunk to its smallest example.
+    assert "x=100" in run.stdout, run.stdout
