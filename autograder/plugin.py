@@ -10,7 +10,6 @@ Loaded with ``-p autograder.plugin`` (pyproject.toml does it for every pytest ru
 
 from __future__ import annotations
 
-import collections
 import functools
 import hashlib
 import json
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from autograder.checks import CheckFailure
-from autograder.client import InProcessBackend, Learner, LearnerError, WorkerBackend
+from autograder.client import InProcessBackend, Learner, LearnerError, WorkerBackend, is_todo
 from autograder.manifest import REPO_ROOT, Course, Unit, load_course
 
 NOT_GRADED_GPU = "not graded: needs a CUDA GPU"
@@ -64,8 +63,6 @@ class CourseState:
         self.cuda = _cuda_available()
         self.learners: dict[tuple[str, str], Learner] = {}
         self.spawners = []
-        # Per unit, the selected tests marked fresh_worker that have not started yet.
-        self.fresh_ahead: collections.Counter[str] = collections.Counter()
 
     # where a test belongs ---------------------------------------------------------
     def unit_of(self, path: Path) -> tuple[Unit, Path, str] | None:
@@ -99,7 +96,6 @@ class CourseState:
                                   work_dir=Path(self.work_dir) if self.work_dir else None, gpu=unit.id in self.gpu_units)
                 self.spawners.append(spawner)
                 backend = WorkerBackend(spawner, self.config.getoption("call_timeout") or limits.call_timeout)
-                backend.fresh_ahead = self.fresh_ahead[unit.id]
             else:  # a learner's own pytest run
                 backend = InProcessBackend(root)
             self.learners[key] = Learner(backend, unit.dir)
@@ -180,9 +176,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash[_STATE]
     tests = [info for item in session.items if (info := _test_info(state, item))]
     state.gpu_units = {t["unit"] for t in tests if t["gpu"]} if state.cuda else set()
-    state.fresh_ahead.update(info["unit"] for item in session.items
-                             if item.get_closest_marker("fresh_worker") and (info := _test_info(state, item)))
     state.write({"event": "collected", "tests": tests, "cuda": state.cuda})
+
+
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    # A test marked fresh_worker finds its fresh worker started while the test before it ran.
+    state = item.config.stash[_STATE]
+    units = {info["unit"] for test in (item, nextitem)
+             if test is not None and test.get_closest_marker("fresh_worker") and (info := _test_info(state, test))}
+    for (unit_id, _), learner in state.learners.items():
+        if unit_id in units and isinstance(learner.backend, WorkerBackend):
+            learner.backend.start_ahead()
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -192,11 +196,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     info = _test_info(state, item)
     if info is None:
         return
-    if item.get_closest_marker("fresh_worker"):
-        state.fresh_ahead[info["unit"]] -= 1
-        for (unit_id, _), learner in state.learners.items():
-            if unit_id == info["unit"] and isinstance(learner.backend, WorkerBackend):
-                learner.backend.fresh_ahead = state.fresh_ahead[unit_id]
     unit = state.course.unit(info["unit"])
     if info["group"] is None or unit.group(info["group"]) is None:
         known = ", ".join(g.id for g in unit.groups)
@@ -257,18 +256,13 @@ class TodoReached(BaseException):
         self.error = error
 
 
-def _is_todo(exc: BaseException) -> bool:
-    return ((isinstance(exc, LearnerError) and exc.is_todo)
-            or (isinstance(exc, NotImplementedError) and str(exc).startswith("TODO")))
-
-
 def _stopping_at_todo(inner_test):
     @functools.wraps(inner_test)
     def run(*args, **kwargs):
         try:
             return inner_test(*args, **kwargs)
         except Exception as exc:
-            if _is_todo(exc):
+            if is_todo(exc):
                 raise TodoReached(exc) from exc
             raise
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autograder.checks import assert_close, check
-from autograder.testing import remote_differentiable
+from autograder.testing import remote_differentiable, todo_first
 
 
 def reference_sdpa(q, k, v, is_causal=False):
@@ -120,12 +120,14 @@ def test_memory_efficient_attention_gradcheck(learner, is_causal):
     check_gradients(f, q, k, v, is_causal, 3, "q[1,2,5,4], k[1,2,7,4], v[1,2,7,4]")
 
 
-def fresh_blockwise(learner):
+def fresh_blockwise(learner, name: str):
     """blockwise.py imported in a fresh grading process (no-op in your own run).  The grader starts
     that process with glibc's malloc mapping every block of 128 KiB or more on its own and giving it
     back when freed (MALLOC_MMAP_THRESHOLD_), so the peak follows the tensors alive at once.  In your
     own run your code shares pytest's process, which that setting does not reach: the same threshold
     is set here (glibc only; elsewhere the default allocator)."""
+    small = torch.zeros(1, 1, 8, 4)
+    todo_first(getattr(learner.module("blockwise"), name), small, small, small, True, 4)  # a stub stops here
     learner.restart()
     if learner.isolation == "in-process":
         try:
@@ -144,7 +146,7 @@ def test_blockwise_never_builds_the_score_matrix(learner, record_property):
     your process, is only shown when it fails."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 1, 4096, 16, generator=g) for _ in range(3))
-    blockwise = fresh_blockwise(learner)
+    blockwise = fresh_blockwise(learner, "blockwise_attention")
     out, cost = learner.measure(blockwise.blockwise_attention, q, k, v, False, 64)
     check(isinstance(out, torch.Tensor) and out.shape == q.shape,
           f"blockwise_attention(q[1,1,4096,16], ...) returned {getattr(out, 'shape', out)}; expected shape (1, 1, 4096, 16)")
