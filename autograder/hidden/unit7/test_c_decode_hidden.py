@@ -167,13 +167,21 @@ def test_generate_greedy_and_sampled_match_a_replay(learner, seed, cached):
     def cache():
         return learner.module("cache").ConcatCache(cfg["n_layer"]) if cached else None
 
-    greedy = sample.generate(gpt, prompt, 10, cache=cache())
+    greedy_cache = cache()
+    greedy = sample.generate(gpt, prompt, 10, cache=greedy_cache)
     want = _replay(hf, prompt, 10)
     check(isinstance(greedy, torch.Tensor) and greedy.shape == want.shape,
           f"generate(GPT, prompt[3,4], 10, {what}) returned {getattr(greedy, 'shape', type(greedy).__name__)}; expected "
           f"{tuple(want.shape)} (the prompt, then the new tokens)")
     check(torch.equal(greedy, want), f"generate(GPT, prompt[3,4], 10, temperature 0, {what}) gave {greedy[0].tolist()} "
                                      f"(row 0); greedy decoding of LlamaForCausalLM gives {want[0].tolist()}")
+    if cached:
+        # The last new token is never fed back: a pass after it would be wasted, and would overflow a
+        # cache sized for exactly prompt + new tokens (Unit 4's KVCache in `course capstone`).
+        length = greedy_cache.length
+        check(length == 4 + 10 - 1, f"after generate(GPT, prompt[3,4], 10, with a ConcatCache) the cache holds {length} "
+                                    "tokens; expected 13: the prompt's 4, then one pass per new token except the last"
+                                    "\nHint: stop after appending the last token, before running the model on it")
     gen = learner.lib("torch").Generator().manual_seed(seed % 2**31)
     sampled = sample.generate(gpt, prompt, 12, temperature=0.8, top_k=20, top_p=0.9, cache=cache(), generator=gen)
     want = _replay(hf, prompt, 12, 0.8, 20, 0.9, seed % 2**31)
