@@ -239,6 +239,11 @@ def test_clip_grad_norm_matches_torch(learner, seed, scale, max_norm):
                                "scale by max_norm / (total + 1e-6): one factor for all the gradients (the global norm)":
                                grads[i] * min(1.0, limit / (float(grads[i].norm()) + 1e-6))},
                      hint="multiply every gradient in place by min(1, max_norm / (total + 1e-6))")
+    if max_norm is None:  # and parameters none of which has a gradient: the norm of nothing is 0 (torch's too)
+        bare = o.learner_parameters(learner, tensors[:1])
+        nothing = learner.module("train").clip_grad_norm(bare.parameters(), 1.0)
+        check(nothing == 0.0, f"clip_grad_norm(<a parameter without a gradient>, 1.0) returned {nothing!r}; expected 0.0 "
+                              "(torch.nn.utils.clip_grad_norm_ gives 0 too)")
 
 
 # --- accumulation and the training step -------------------------------------------------------------------------------
