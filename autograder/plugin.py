@@ -126,8 +126,8 @@ def _hypothesis_for_grading(grading_seed: str) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "group(name): the course.yml scoring group of a graded test")
-    config.addinivalue_line("markers", "fresh_worker: the test calls learner.restart() (a graded run keeps a fresh "
-                                       "worker started ahead for it)")
+    config.addinivalue_line("markers", "fresh_worker: the test calls learner.restart() (a graded run starts its fresh "
+                                       "worker while the test before it runs)")
     state = CourseState(config)
     config.stash[_STATE] = state
     if state.submission:

@@ -49,7 +49,8 @@ def generate(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: 
     ``torch.multinomial(probs, 1, generator=generator)`` draw per step (one token per row).
     ``cache`` (empty, with Unit 4's interface): one forward pass over the prompt through it, then one
     pass per new token, of that token alone, except the last (it is never fed back).  Without a
-    cache every step runs the model on the whole sequence so far.  ValueError if t + max_new_tokens exceeds model.config.max_seq_len."""
+    cache every step runs the model on the whole sequence so far.  ValueError if t + max_new_tokens
+    exceeds model.config.max_seq_len."""
     # TODO: check the length; logits = model(prompt_ids, cache=cache) (or model(prompt_ids));
     # loop: pick the next token from logits[:, -1]; append; unless it was the last, run the model on
     # the new token (cached) or on everything (uncached).

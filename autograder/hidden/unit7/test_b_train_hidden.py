@@ -356,10 +356,10 @@ def test_train_step_under_autocast(learner, seed, dtype):
                   for d in (None, torch.bfloat16, torch.float16)}  # None: no autocast, float32
         want = losses[dtype]
         others = {str(d or torch.float32).removeprefix("torch."): v for d, v in losses.items() if d != dtype}
-        if min(abs(want - v) for v in others.values()) > 5 * tolerance:
+        gap = min(abs(want - v) for v in others.values())
+        if gap > 5 * tolerance:
             break
-    check(min(abs(want - v) for v in others.values()) > 5 * tolerance,
-          f"test set-up: {dtype} changes the loss by only {min(abs(want - v) for v in others.values()):.2g} here (a course bug)")
+    check(gap > 5 * tolerance, f"test set-up: {dtype} changes the loss by only {gap:.2g} here (a course bug)")
     gpt = o.learner_gpt(learner, cfg, state, torch.float32)
     got = learner.module("train").accumulate_gradients(gpt, micro, dtype)
     what = f"accumulate_gradients(GPT float32, 2 micro-batches [8, 32], autocast_dtype={dtype})"
