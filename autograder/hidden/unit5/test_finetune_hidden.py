@@ -87,6 +87,9 @@ def test_response_loss(learner, torch_gen):
     labels = torch.randint(v, (b, t), generator=torch_gen)
     labels[torch.rand(b, t, generator=torch_gen) < 0.4] = IGNORE
     labels[:, 1] = 3  # at least one scored position per row
+    # Position 0 is never a target, so a response_loss that writes IGNORE there in place changes the
+    # caller's labels only where one is not IGNORE already (random draws leave all three so 6% of the time).
+    labels[0, 0] = 5
     want = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     scored = labels[:, 1:] != IGNORE
     per_token = F.cross_entropy(logits[:, :-1].reshape(-1, v), labels[:, 1:].clamp(min=0).reshape(-1), reduction="none")
