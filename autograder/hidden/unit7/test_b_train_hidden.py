@@ -62,6 +62,24 @@ def test_cross_entropy_matches_torch(learner, seed, shape, vocab, ignored):
 
 
 @pytest.mark.group("loss_optim")
+def test_cross_entropy_honours_an_ignore_index_inside_the_vocabulary(learner, seed):
+    """ignore_index is a parameter, not -100 written in: padding may be a real token id (here 5 of 11),
+    so targets both below and above it count, and only those equal to it are left out."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = _randn(gen, 4, 6, 11, scale=3.0)
+    targets = torch.randint(0, 11, (4, 6), generator=gen)
+    targets[0, :3] = torch.tensor([5, 2, 9])  # one ignored, one below it and one above it, whatever the draw
+    got = learner.module("train").cross_entropy(logits, targets, ignore_index=5)
+    want = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=5)
+    flat = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), reduction="none")
+    assert_close(got, want, **EXACT, call="cross_entropy(logits[4,6,11] float64, targets, ignore_index=5)",
+                 mistakes={"ignore_index=5 was not used: -100 is only its default": flat.mean(),
+                           "leave out the targets EQUAL to ignore_index (t != ignore_index), not those on one side of it":
+                           flat[targets.reshape(-1) > 5].mean()},
+                 hint="keep = targets != ignore_index, with the ignore_index you were given")
+
+
+@pytest.mark.group("loss_optim")
 def test_cross_entropy_of_huge_and_bf16_logits(learner, torch_gen):
     ce = learner.module("train").cross_entropy
     big = torch.tensor([[1e4, 0.0, -1e4], [5e3, 5e3, 0.0]], dtype=torch.float64)
