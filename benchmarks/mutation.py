@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -195,18 +196,22 @@ def _baseline_seconds(unit_id: str) -> float:
     return time.monotonic() - start
 
 
-def forget_survivors(unit_id: str) -> int:
+def forget_survivors(unit_id: str) -> list[str]:
     """Make the unit's survivors pending again, to grade them with the sharpened hidden suite (the
-    killed stay killed: a sharper suite only adds checks)."""
+    killed stay killed: a sharper suite only adds checks); their job ids."""
     from cosmic_ray.work_db import WorkDB, WorkResultStorage, use_db
     from cosmic_ray.work_item import TestOutcome
 
     with use_db(str(STATE / unit_id / "session.sqlite"), mode=WorkDB.Mode.open) as db:
         with db._session_maker.begin() as session:  # cosmic-ray has no call to drop some results
-            return session.query(WorkResultStorage).filter(WorkResultStorage.test_outcome == TestOutcome.SURVIVED).delete()
+            survived = session.query(WorkResultStorage).filter(WorkResultStorage.test_outcome == TestOutcome.SURVIVED)
+            job_ids = [row.job_id for row in survived]
+            survived.delete()
+            return job_ids
 
 
-def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: int | None = None) -> None:
+def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: int | None = None,
+                first: tuple[str, ...] = ()) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from cosmic_ray.commands import init
@@ -245,7 +250,12 @@ def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: i
     started = time.monotonic()
     try:
         with use_db(str(session), mode=WorkDB.Mode.open) as db:
-            pending = list(db.pending_work_items)[:limit]
+            # A fixed shuffle: a run cut short by --limit (or stopped) has graded a sample of the whole
+            # unit, so its score estimates the unit's, not that of the first file's first functions.
+            pending = list(db.pending_work_items)
+            random.Random(0).shuffle(pending)
+            pending.sort(key=lambda item: item.job_id not in first)  # the rechecked survivors before the rest
+            pending = pending[:limit]
             columns = (TextColumn(f"{unit_id} mutants"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        TimeRemainingColumn())
             with Progress(*columns) as progress:
@@ -380,9 +390,11 @@ def main(ctx, units, jobs, restart, report_only, limit, recheck):
     course = load_course()
     if not report_only:
         for unit_id in units or [u.id for u in course.units]:
+            first = ()
             if recheck and (STATE / unit_id / "session.sqlite").exists():
-                print(f"{unit_id}: {forget_survivors(unit_id)} survivor(s) to grade again")
-            run_session(course, unit_id, jobs, restart, limit)
+                first = tuple(forget_survivors(unit_id))
+                print(f"{unit_id}: {len(first)} survivor(s) to grade again, before any other pending mutant")
+            run_session(course, unit_id, jobs, restart, limit, first)
     survivors = write_scores(course)
     print(SCORES.read_text())
     if survivors:

@@ -38,6 +38,8 @@ BINARY = {
     "rdiv": (lambda a, b: 2.5 / a, lambda a, b: 2.5 / a),
 }
 
+UPSTREAM = 1.7  # the gradient that reaches an operation from above, when it is not the root
+
 LOCAL_HINTS = {
     "tanh": "d tanh(x)/dx = 1 - tanh(x)**2",
     "exp": "d exp(x)/dx = exp(x), the output itself",
@@ -70,6 +72,16 @@ def test_unary_against_torch(learner, rng, name):
     got = x.grad
     assert_close(got, t.grad.item(), rtol=1e-9, atol=1e-12, call=f"x.grad after {name}(x).backward(), x = Value({x0!r})",
                  mistakes=_mistakes(build, got), hint=LOCAL_HINTS.get(name))
+    # At the root out.grad is 1, so a backward that forgets the chain rule (or raises out.grad to a power
+    # where it should multiply) still looks right there: the same operation again, under an upstream 1.7.
+    x = Value(x0)
+    (apply(x) * UPSTREAM).backward()
+    t = torch.tensor(x0, dtype=torch.float64, requires_grad=True)
+    (torch_apply(t) * UPSTREAM).backward()
+    assert_close(x.grad, t.grad.item(), rtol=1e-9, atol=1e-12,
+                 call=f"x.grad after ({name}(x) * {UPSTREAM}).backward(), x = Value({x0!r})",
+                 hint=f"{name}'s _backward must multiply its local derivative by out.grad (the chain rule): "
+                      f"here out.grad = {UPSTREAM}, not 1")
 
 
 @pytest.mark.group("value_ops")
@@ -96,6 +108,17 @@ def test_binary_against_torch(learner, rng, name):
     expected_b = tb.grad.item() if tb.grad is not None else 0.0
     got = b.grad
     assert_close(got, expected_b, rtol=1e-9, atol=1e-12, call=f"{call}: b.grad", mistakes=_mistakes(build, got, 1))
+    # Under an upstream gradient that is not 1 (see test_unary_against_torch).
+    a, b = Value(a0), Value(b0)
+    (apply(a, b) * UPSTREAM).backward()
+    ta = torch.tensor(a0, dtype=torch.float64, requires_grad=True)
+    tb = torch.tensor(b0, dtype=torch.float64, requires_grad=True)
+    (torch_apply(ta, tb) * UPSTREAM).backward()
+    for label, got, want in (("a", a.grad, ta.grad), ("b", b.grad, tb.grad)):
+        assert_close(got, want.item() if want is not None else 0.0, rtol=1e-9, atol=1e-12,
+                     call=f"({call}) * {UPSTREAM}: {label}.grad",
+                     hint=f"{name}'s _backward must multiply its local derivative by out.grad (the chain rule): "
+                          f"here out.grad = {UPSTREAM}, not 1")
 
 
 @pytest.mark.group("value_ops")

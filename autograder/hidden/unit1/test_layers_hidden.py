@@ -124,6 +124,27 @@ def test_layernorm(learner, rng):
     assert_close(grads["beta"], dbeta, rtol=1e-9, atol=1e-10, call=f"{call}: grads['beta']")
 
 
+@pytest.mark.group("layers")
+def test_layernorm_normalises_the_last_axis_of_any_rank(learner, rng):
+    """The handout's "over the last axis": a [batch, time, dim] input with time != dim, where axis 1
+    and axis -1 differ, and the parameter gradients sum over every leading axis."""
+    layers = learner.module("layers")
+    d = int(rng.integers(3, 7))
+    shape = (2, d + 2, d)
+    x, dout = rng.normal(size=shape) * 2 + 0.5, rng.normal(size=shape)
+    gamma, beta = rng.normal(size=d), rng.normal(size=d)
+    layer = layers.LayerNorm(d)
+    layer.params = {"gamma": gamma, "beta": beta}
+    call = f"LayerNorm({d}) on x{list(shape)}"
+    ref, (dx, dgamma, dbeta) = _torch_grads(lambda x, g, b: F.layer_norm(x, (d,), g, b, 1e-5), x, gamma, beta, dout=dout)
+    assert_close(layer.forward(x), ref, rtol=1e-9, atol=1e-10, call=f"{call}: forward",
+                 hint="the mean and variance are over the last axis (axis=-1, keepdims=True), whatever the rank")
+    assert_close(layer.backward(dout), dx, rtol=1e-8, atol=1e-10, call=f"{call}: backward -> dx")
+    for name, want in (("gamma", dgamma), ("beta", dbeta)):
+        assert_close(layer.grads[name], want, rtol=1e-9, atol=1e-10, call=f"{call}: grads['{name}']",
+                     hint=f"grads['{name}'] sums over every axis but the last: reshape(-1, dim) with dim = x.shape[-1]")
+
+
 def _set_weights(model, params: list[dict], call: str) -> None:
     """Put weights made here into the learner's model, layer by layer (layers without parameters
     have empty dicts); the learner's MLP must have the reference's layers."""
@@ -222,13 +243,15 @@ def _adam(start, grads, lr, betas, eps, bias_correction=True, eps_inside=False):
 
 
 @pytest.mark.group("training")
-def test_adam_matches_torch(learner, rng):
+# betas below 0.5 too: there 1 % b differs from 1 - b, and b1 and b2 far apart tell a swap apart.
+@pytest.mark.parametrize("betas", [(0.8, 0.95), (0.3, 0.45)])
+def test_adam_matches_torch(learner, rng, betas):
     """Step by step against torch.optim.Adam, with b's gradients tiny (where the place of eps
     decides the step).  The arrays in the layer's params must be updated in place: the test keeps
     a reference to them on the learner's side and reads them after the steps."""
     layers = learner.module("layers")
     layer = layers.Linear(3, 4, learner.lib("numpy").random.default_rng(int(rng.integers(1 << 30))))
-    lr, betas, eps = 0.05, (0.8, 0.95), 1e-8
+    lr, eps = 0.05, 1e-8
     start = {"W": rng.normal(size=(3, 4)) / np.sqrt(3), "b": rng.normal(size=4)}
     grads = [{"W": rng.normal(size=(3, 4)), "b": rng.normal(size=4) * 1e-7} for _ in range(3)]
     layer.params = {k: v.copy() for k, v in start.items()}
