@@ -99,6 +99,28 @@ def test_online_softmax_against_math_backend(learner, torch_gen, n_q, n_k, block
 
 
 @pytest.mark.group("blockwise")
+@pytest.mark.parametrize("n_q", [5, 8])
+def test_causal_skips_the_blocks_after_the_last_query(learner, torch_gen, n_q):
+    """The handout's "skip blocks that start after the last query", seen in the result: keys and values
+    in those blocks are NaN.  Skipped, they change nothing; computed, masked scores give p = 0 but
+    0 * NaN = NaN in p @ v.  n_q = 8 with blocks of 4 puts a block start exactly at n_q."""
+    blockwise = learner.module("blockwise")
+    block, n_k = 4, 16
+    q, k, v = _qkv(torch_gen, (2,), n_q, n_k, 8)
+    first_skipped = -(-n_q // block) * block  # the first block start >= n_q
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[..., first_skipped:, :] = float("nan")
+    v_nan[..., first_skipped:, :] = float("nan")
+    out, lse = blockwise.online_softmax_attention(q, k_nan, v_nan, True, block)
+    call = (f"online_softmax_attention(q[2,{n_q},8], k[2,{n_k},8], v, is_causal=True, block_size={block}) with NaN "
+            f"in keys and values {first_skipped}..{n_k - 1}, which no query may see")
+    hint = (f"with is_causal, stop at the first block whose start >= n_q (here {first_skipped}): every key from there on "
+            "comes after every query, so the block is skipped, not computed and masked")
+    assert_close(out, reference_sdpa(q, k, v, True), rtol=1e-9, atol=1e-11, call=call + " -> out", hint=hint, nan_hint=hint)
+    assert_close(lse, reference_lse(q, k, True), rtol=1e-9, atol=1e-11, call=call + " -> lse", hint=hint, nan_hint=hint)
+
+
+@pytest.mark.group("blockwise")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_rows_scoring_far_below_zero(learner, torch_gen, dtype):
     """Queries whose every score is far below 0, built on purpose: exp(score - m) with m anything but
