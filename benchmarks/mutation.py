@@ -197,17 +197,20 @@ def _baseline_seconds(unit_id: str) -> float:
 
 
 def forget_survivors(unit_id: str) -> list[str]:
-    """Make the unit's survivors pending again, to grade them with the sharpened hidden suite (the
-    killed stay killed: a sharper suite only adds checks); their job ids."""
+    """Make the unit's unhandled survivors (those not listed as equivalent) pending again, to grade
+    them with the sharpened hidden suite (the killed stay killed: a sharper suite only adds checks);
+    their job ids."""
     from cosmic_ray.work_db import WorkDB, WorkResultStorage, use_db
     from cosmic_ray.work_item import TestOutcome
 
+    known = equivalent_identities(unit_id)
     with use_db(str(STATE / unit_id / "session.sqlite"), mode=WorkDB.Mode.open) as db:
+        job_ids = [item.job_id for item, result in db.completed_work_items
+                   if result.test_outcome == TestOutcome.SURVIVED and identity(item, result) not in known]
         with db._session_maker.begin() as session:  # cosmic-ray has no call to drop some results
-            survived = session.query(WorkResultStorage).filter(WorkResultStorage.test_outcome == TestOutcome.SURVIVED)
-            job_ids = [row.job_id for row in survived]
-            survived.delete()
-            return job_ids
+            session.query(WorkResultStorage).filter(WorkResultStorage.job_id.in_(job_ids)).delete(
+                synchronize_session=False)
+    return job_ids
 
 
 def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: int | None = None,
@@ -303,6 +306,15 @@ def load_equivalent() -> list[dict]:
     return yaml.safe_load(EQUIVALENT.read_text(encoding="utf-8")) or [] if EQUIVALENT.exists() else []
 
 
+def identity(item, result) -> tuple[str, str, str]:
+    """(file name, removed lines, added lines): how equivalent.yml names a mutant."""
+    return (Path(item.mutations[0].module_path).name, *changed_lines(result.diff or ""))
+
+
+def equivalent_identities(unit_id: str) -> set[tuple[str, str, str]]:
+    return {(e["file"], e["original"], e["mutated"]) for e in load_equivalent() if e["unit"] == unit_id}
+
+
 def tally(unit_id: str) -> tuple[Tally, list[dict]]:
     """Counts for one unit's session, and its unhandled survivors (with their diffs)."""
     from cosmic_ray.work_db import WorkDB, use_db
@@ -310,7 +322,7 @@ def tally(unit_id: str) -> tuple[Tally, list[dict]]:
 
     folder = STATE / unit_id
     info = json.loads((folder / "meta.json").read_text())
-    known = {(e["file"], e["original"], e["mutated"]) for e in load_equivalent() if e["unit"] == unit_id}
+    known = equivalent_identities(unit_id)
     counts, survivors = Tally(seconds=info.get("seconds", 0.0), regions_hash=info["regions_hash"]), []
     with use_db(str(folder / "session.sqlite"), mode=WorkDB.Mode.open) as db:
         for item, result in db.completed_work_items:
@@ -319,8 +331,8 @@ def tally(unit_id: str) -> tuple[Tally, list[dict]]:
             counts.mutants += 1
             if result.test_outcome == TestOutcome.SURVIVED:
                 mutation = item.mutations[0]
-                original, mutated = changed_lines(result.diff or "")
-                if (Path(mutation.module_path).name, original, mutated) in known:
+                _, original, mutated = identity(item, result)
+                if identity(item, result) in known:
                     counts.equivalent += 1
                 else:
                     counts.survived += 1
@@ -381,7 +393,7 @@ def read_scores() -> dict[str, dict]:
 @click.option("--restart", is_flag=True, help="forget the stored session and start over")
 @click.option("--report", "report_only", is_flag=True, help="only rebuild the table from the stored sessions")
 @click.option("--limit", type=int, default=None, help="grade at most this many pending mutants now (resume later)")
-@click.option("--recheck", is_flag=True, help="grade the survivors again (after sharpening the hidden tests)")
+@click.option("--recheck", is_flag=True, help="grade the survivors not listed as equivalent again (after sharpening the hidden tests)")
 @click.pass_context
 def main(ctx, units, jobs, restart, report_only, limit, recheck):
     """Mutation testing of the solution regions; writes tests/mutants/SCORES.md."""
