@@ -199,6 +199,36 @@ def test_ties_and_overlaps_match_reference(learner, words, seps):
     check_merges(merges, naive_train(text, 256 + 1 + 12, [EOT]), f"the crafted corpus {text!r}", hint=TIE_BREAK)
 
 
+def _fresh(text: str) -> bytes:
+    """Equal bytes, but a new object each time: the pieces a tokenizer meets are rarely the very
+    objects of its merge list."""
+    return b"".join(bytes([c]) for c in text.encode())
+
+
+MERGE_WORD_CASES = [  # (word, pair, the word after merging the pair)
+    (("a", "a", "a"), ("a", "a"), ("aa", "a")),  # overlapping: left to right, once
+    (("a", "a", "a", "a"), ("a", "a"), ("aa", "aa")),
+    (("th", "e", "th", "e", "n"), ("th", "e"), ("the", "the", "n")),  # multi-byte pieces, equal but not identical
+    (("x", "th", "e"), ("th", "e"), ("x", "the")),  # at the very end
+    (("th", "e"), ("e", "th"), ("th", "e")),  # the pair reversed is another pair
+    (("a",), ("a", "a"), ("a",)),
+    ((), ("a", "b"), ()),
+]
+
+
+@pytest.mark.group("train")
+def test_merge_word(learner):
+    bpe = learner.module("bpe")
+    for word, pair, want in MERGE_WORD_CASES:
+        word_b, pair_b, new = tuple(_fresh(p) for p in word), (_fresh(pair[0]), _fresh(pair[1])), _fresh("".join(pair))
+        got = bpe.merge_word(word_b, pair_b, new)
+        want_b = tuple(p.encode() for p in want)
+        check(isinstance(got, tuple) and got == want_b,
+              f"merge_word({word_b!r}, {pair_b!r}, {new!r}) returned {got!r}; expected {want_b!r}\n"
+              "Hint: compare pieces with == (equal bytes are often different objects, so never `is`), scan left "
+              "to right, and after a merge skip both pieces")
+
+
 @pytest.mark.group("train")
 def test_overlapping_pairs_are_counted_and_updated(learner):
     # "aaaa" holds (a, a) three times; after merging it is (aa, aa): one (aa, aa) pair, no (a, a) left.
