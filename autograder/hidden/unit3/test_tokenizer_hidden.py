@@ -277,9 +277,10 @@ def split_specials(text: str, specials: list[str]) -> list[str]:
 
 
 def replay_stream(oracle: Oracle, chunks: list[str], *, two_pretokens=True, whitespace=True, partial_special=True,
-                  whole_special=True) -> list[int]:
+                  whole_special=True, yielded: list[int] | None = None) -> list[int]:
     """The ids the recipe of the handout's section 6 gives (its steps 1-4), here, each step on or off:
-    with every step on it is right; with one off it is that step's known mistake, whose ids name it."""
+    with every step on it is right; with one off it is that step's known mistake, whose ids name it.
+    ``yielded``, when given, gets how many ids the recipe has given after each chunk."""
     specials = oracle.specials
     longest = max(map(len, specials), default=0)
 
@@ -314,6 +315,8 @@ def replay_stream(oracle: Oracle, chunks: list[str], *, two_pretokens=True, whit
         cut = stable_prefix(buffer)
         ids += oracle.encode(buffer[:cut])
         buffer = buffer[cut:]
+        if yielded is not None:
+            yielded.append(len(ids))
     return ids + oracle.encode(buffer)
 
 
@@ -404,6 +407,67 @@ def test_encode_iterable_each_step_of_the_recipe(learner, step):
     tok = oracle.learner_tokenizer(learner)
     for chunks in cases:
         check_stream(tok, oracle, chunks, f"encode_iterable({chunks!r}) with special tokens {specials}")
+
+
+# Chunks after which section 6's recipe yields ids at once: a generator that holds back more than its
+# four steps say gives the right ids, but only later (at the end of a file, all of them at once).
+EARLY_CASES = [["the cat sat on", " the mat and", " more"], ["x<|endoftext|>the", " end. <|endof", "text|> tail"],
+               ["we'l", "l go home now", "", " then"], ["a\n\n", "b c d e", "f"], ["the end<|endoftext|>", "next one", " two"]]
+
+
+@pytest.mark.group("stream")
+def test_encode_iterable_yields_each_stable_prefix_before_reading_on(learner):
+    """When each id comes out: the chunks are a list iterator on your side, and after every id the
+    test asks it (operator.length_hint) how many chunks encode_iterable has read so far."""
+    oracle = Oracle(STEP_MERGES, [EOT])
+    tok = oracle.learner_tokenizer(learner)
+    builtins, operator = learner.lib("builtins"), learner.lib("operator")
+    for chunks in EARLY_CASES:
+        yielded = []
+        want = replay_stream(oracle, chunks, yielded=yielded)
+        # id k is due once the recipe has yielded more than k ids: after chunk j (1-based), else at the end
+        due = [next((j + 1 for j, n in enumerate(yielded) if n > k), len(chunks)) for k in range(len(want))]
+        chunk_iter = builtins.iter(chunks)
+        gen = tok.encode_iterable(chunk_iter)
+        got, read = [], []
+        for _ in range(len(want) + 1):
+            try:
+                got.append(gen.send(None))  # send(None) is next() for a generator
+            except StopIteration:
+                break
+            read.append(len(chunks) - operator.length_hint(chunk_iter))
+        call = f"encode_iterable(iter({chunks!r})) with special token {EOT!r}"
+        check_ids(got, want, oracle, call)
+        late = [k for k in range(len(want)) if read[k] != due[k]]
+        check(not late, f"{call}: id {late[0] if late else 0} ({oracle.decode(want[late[0]:late[0] + 1]) if late else ''!r}) "
+              f"came after reading {read[late[0]] if late else 0} chunk(s); the recipe yields it after "
+              f"{due[late[0]] if late else 0}: the ids after each chunk were {yielded}\n"
+              "Hint: after each chunk, yield the ids of buffer[:_stable_prefix(buffer)] before reading the next, "
+              "and hold back only what the four steps of section 6 say (a possible start of a special token, the "
+              "last two pre-tokens, the whitespace before them)")
+
+
+@pytest.mark.group("encode")
+def test_encode_remembers_pretokens_in_a_bounded_cache(learner):
+    """The handout's cache: every pre-token encoded is remembered in tok.cache with its ids, and the
+    cache never holds more than CACHE_LIMIT of them (cleared when full)."""
+    oracle = Oracle(STEP_MERGES, [EOT])
+    tok = oracle.learner_tokenizer(learner)
+    text = "the cat sat on the mat, then the cat ran"
+    pretokens = GPT2_RE.findall(text)
+    check_ids(tok.encode(text), oracle.encode(text), oracle, f"encode({text!r})")
+    cache = dict(tok.cache)
+    want = {p: oracle.encode(p) for p in pretokens}
+    check(cache == want, f"after encode({text!r}) on a fresh tokenizer, tok.cache is {cache!r:.300}; expected every "
+          f"pre-token with its ids: {want!r:.300}\nHint: look each pre-token up in self.cache; on a miss, encode it "
+          "and store it there (clear the cache only once it holds CACHE_LIMIT pre-tokens)")
+    tok.cache = {}
+    tok.CACHE_LIMIT = 3
+    for k in range(1, len(pretokens) + 1):
+        tok.encode("".join(pretokens[:k]))
+        size = len(tok.cache)
+        check(1 <= size <= 3, f"with CACHE_LIMIT = 3, after encode({''.join(pretokens[:k])!r}) tok.cache holds {size} "
+              "pre-tokens; it must hold between 1 and CACHE_LIMIT (clear it when it is full, then store the new one)")
 
 
 @pytest.mark.group("encode")
