@@ -411,18 +411,25 @@ def test_encode_iterable_each_step_of_the_recipe(learner, step):
 
 # Chunks after which section 6's recipe yields ids at once: a generator that holds back more than its
 # four steps say gives the right ids, but only later (at the end of a file, all of them at once).
-EARLY_CASES = [["the cat sat on", " the mat and", " more"], ["x<|endoftext|>the", " end. <|endof", "text|> tail"],
-               ["we'l", "l go home now", "", " then"], ["a\n\n", "b c d e", "f"], ["the end<|endoftext|>", "next one", " two"]]
+EARLY_CASES = {  # special tokens: the chunks
+    (EOT,): [["the cat sat on", " the mat and", " more"], ["x<|endoftext|>the", " end. <|endof", "text|> tail"],
+             ["we'l", "l go home now", "", " then"], ["a\n\n", "b c d e", "f"], ["the end<|endoftext|>", "next one", " two"],
+             ["a bc de", " f", "g"]],  # a stable prefix of one character
+    # a whole shorter token at the end of the buffer is final: only a PROPER prefix of a token is held back
+    ("<|a|>", EOT): [["x<|a|>", "y z w", "q"], ["the<|a|><|a|>", " end of it", "."]],
+    # a token inside a longer one, not at its start: step 2 looks only at tokens that begin before the cut
+    ("<|a|>", "one two <|a|>!"): [["zero one two <|a|>", "!", " end"]],
+}
 
 
 @pytest.mark.group("stream")
 def test_encode_iterable_yields_each_stable_prefix_before_reading_on(learner):
     """When each id comes out: the chunks are a list iterator on your side, and after every id the
     test asks it (operator.length_hint) how many chunks encode_iterable has read so far."""
-    oracle = Oracle(STEP_MERGES, [EOT])
-    tok = oracle.learner_tokenizer(learner)
     builtins, operator = learner.lib("builtins"), learner.lib("operator")
-    for chunks in EARLY_CASES:
+    for specials, chunks in ((specials, chunks) for specials, cases in EARLY_CASES.items() for chunks in cases):
+        oracle = Oracle(STEP_MERGES, list(specials))
+        tok = oracle.learner_tokenizer(learner)
         yielded = []
         want = replay_stream(oracle, chunks, yielded=yielded)
         # id k is due once the recipe has yielded more than k ids: after chunk j (1-based), else at the end
@@ -436,7 +443,7 @@ def test_encode_iterable_yields_each_stable_prefix_before_reading_on(learner):
             except StopIteration:
                 break
             read.append(len(chunks) - operator.length_hint(chunk_iter))
-        call = f"encode_iterable(iter({chunks!r})) with special token {EOT!r}"
+        call = f"encode_iterable(iter({chunks!r})) with special tokens {list(specials)}"
         check_ids(got, want, oracle, call)
         late = [k for k in range(len(want)) if read[k] != due[k]]
         check(not late, f"{call}: id {late[0] if late else 0} ({oracle.decode(want[late[0]:late[0] + 1]) if late else ''!r}) "
