@@ -257,7 +257,8 @@ def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: i
             # unit, so its score estimates the unit's, not that of the first file's first functions.
             pending = list(db.pending_work_items)
             random.Random(0).shuffle(pending)
-            pending.sort(key=lambda item: item.job_id not in first)  # the rechecked survivors before the rest
+            rechecked = set(first)
+            pending.sort(key=lambda item: item.job_id not in rechecked)  # the rechecked survivors before the rest
             pending = pending[:limit]
             columns = (TextColumn(f"{unit_id} mutants"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        TimeRemainingColumn())
@@ -331,8 +332,9 @@ def tally(unit_id: str) -> tuple[Tally, list[dict]]:
             counts.mutants += 1
             if result.test_outcome == TestOutcome.SURVIVED:
                 mutation = item.mutations[0]
-                _, original, mutated = identity(item, result)
-                if identity(item, result) in known:
+                key = identity(item, result)
+                _, original, mutated = key
+                if key in known:
                     counts.equivalent += 1
                 else:
                     counts.survived += 1

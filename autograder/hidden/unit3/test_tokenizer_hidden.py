@@ -445,10 +445,9 @@ def test_encode_iterable_yields_each_stable_prefix_before_reading_on(learner):
             read.append(len(chunks) - operator.length_hint(chunk_iter))
         call = f"encode_iterable(iter({chunks!r})) with special tokens {list(specials)}"
         check_ids(got, want, oracle, call)
-        late = [k for k in range(len(want)) if read[k] != due[k]]
-        check(not late, f"{call}: id {late[0] if late else 0} ({oracle.decode(want[late[0]:late[0] + 1]) if late else ''!r}) "
-              f"came after reading {read[late[0]] if late else 0} chunk(s); the recipe yields it after "
-              f"{due[late[0]] if late else 0}: the ids after each chunk were {yielded}\n"
+        late = next((k for k in range(len(want)) if read[k] != due[k]), None)
+        check(late is None, "" if late is None else
+              f"{call}: id {late} ({oracle.decode(want[late:late + 1])!r}) came after reading {read[late]} chunk(s); the recipe yields it after {due[late]}: the ids after each chunk were {yielded}\n"
               "Hint: after each chunk, yield the ids of buffer[:_stable_prefix(buffer)] before reading the next, "
               "and hold back only what the four steps of section 6 say (a possible start of a special token, the "
               "last two pre-tokens, the whitespace before them)")
