@@ -15,7 +15,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
 
 from autograder.manifest import REPO_ROOT, Course
 
@@ -103,6 +102,8 @@ def make_stub(source: str, filename: str, display_path: str) -> str:
 def make_notebook_stub(source: str, filename: str, display_path: str) -> str:
     """The learner's version of one solution notebook: every code cell through ``make_stub``, and
     no outputs, execution counts or execution timings."""
+    import nbformat  # here: every grading process imports this module, and nbformat costs seconds
+
     notebook = nbformat.reads(source, as_version=nbformat.NO_CONVERT)
     for index, cell in enumerate(notebook.cells):
         cell.metadata.pop("execution", None)

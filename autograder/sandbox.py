@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autograder.manifest import REPO_ROOT
-from autograder.worker.protocol import MAX_HEADER_BYTES, MAX_REPLY_BYTES, ProtocolError
 
 LEVELS = ("bwrap", "user", "none")
 NOBODY = 65534
@@ -587,7 +586,12 @@ class Worker:
             got += count
         return buffer
 
-    def call(self, data: bytes, timeout: float, send: bool = True, max_bytes: int = MAX_REPLY_BYTES) -> tuple[bytes, bytes]:
+    def call(self, data: bytes, timeout: float, send: bool = True, max_bytes: int | None = None) -> tuple[bytes, bytes]:
+        # Imported here: the protocol needs torch, and a process that only starts graders (course
+        # grade, a mutant's grade) should not pay seconds of CPU to import it.
+        from autograder.worker.protocol import MAX_HEADER_BYTES, MAX_REPLY_BYTES, ProtocolError
+
+        max_bytes = MAX_REPLY_BYTES if max_bytes is None else max_bytes
         deadline = time.monotonic() + timeout
         if send:
             self._write(data, deadline)

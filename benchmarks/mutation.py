@@ -28,6 +28,13 @@ breaks nothing the handout promises.  Equivalent ones are listed, each with a on
 ``killed / (mutants - equivalent)``.  ``tests/mutants/SCORES.md`` keeps the table and a hash of each
 unit's solution regions; ``make test`` fails when the regions changed after the table was made.
 The run is far too slow for every CI run (minutes per unit on two cores): it is a command.
+
+A run of every unit takes longer than one sitting, and ``.mutation/`` (the sessions) belongs to one
+checkout, so each graded mutant is also written to ``tests/mutants/results/unitN.jsonl`` (committed):
+a new session starts from the results stored there while the learner files are the ones they were
+graded on, and the table is counted from those files.  Inside a grade, ``benchmarks.mutant_first``
+moves the hidden tests that name the mutated function to the front: a killed mutant is known
+sooner, and no verdict changes.
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ from autograder.manifest import REPO_ROOT, Course, load_course
 
 STATE = REPO_ROOT / ".mutation"
 SCORES = REPO_ROOT / "tests" / "mutants" / "SCORES.md"
+# Every graded mutant, committed: .mutation/ lives in one checkout, and a run of all units takes longer
+# than one sitting, so a new checkout resumes from here.  One JSON line per mutant.
+RESULTS = REPO_ROOT / "tests" / "mutants" / "results"
 EQUIVALENT = REPO_ROOT / "tests" / "mutants" / "equivalent.yml"
 # What a worker's copy of the course needs to grade: never the venv, the git store or the sessions.
 COPIED = ("autograder", "benchmarks", "exercises", "solutions", "course.yml", "pyproject.toml")
@@ -87,6 +97,15 @@ def regions_hash(course: Course, unit_id: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def files_hash(course: Course, unit_id: str) -> str:
+    """A hash of the whole learner files: cosmic-ray numbers a file's mutants through the whole file,
+    so stored results name the same mutants only while these are unchanged."""
+    digest = hashlib.sha256()
+    for rel in learner_files(course, unit_id):
+        digest.update(rel.encode() + b"\0" + (REPO_ROOT / rel).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 # --- one mutant's grade: the test command a worker runs -----------------------------------------------
 
 def grade_mutant(unit_id: str, budget: float) -> int:
@@ -101,16 +120,37 @@ def grade_mutant(unit_id: str, budget: float) -> int:
     course = load_course()
     submission = Path(tempfile.mkdtemp(prefix="mutant-"))
     shutil.copytree(REPO_ROOT / "solutions", submission / "solutions", ignore=shutil.ignore_patterns("__pycache__"))
+    names = []
     if (REPO_ROOT / PRISTINE).is_dir():
         for rel in learner_files(course, unit_id):
+            names += mutated_names(REPO_ROOT / PRISTINE / rel, REPO_ROOT / rel)
             shutil.copy2(REPO_ROOT / PRISTINE / rel, REPO_ROOT / rel)
     try:
-        return _grade_submission(course, unit_id, submission / "solutions", budget)
+        return _grade_submission(course, unit_id, submission / "solutions", budget, names)
     finally:
         shutil.rmtree(submission, ignore_errors=True)
 
 
-def _grade_submission(course: Course, unit_id: str, submission: Path, budget: float) -> int:
+GENERIC = {"forward", "backward", "_backward", "step", "__init__", "__call__", "__repr__"}
+
+
+def mutated_names(pristine: Path, mutated: Path) -> list[str]:
+    """The definitions around the lines a mutant changed, innermost first, then the module's name: what
+    the hidden tests that call the changed code are likely to say (benchmarks.mutant_first)."""
+    import ast
+
+    before, after = pristine.read_text(encoding="utf-8").splitlines(), mutated.read_text(encoding="utf-8").splitlines()
+    if before == after:
+        return []
+    changed = next((n for n, (a, b) in enumerate(zip(before, after), 1) if a != b), min(len(before), len(after)))
+    found = [node for node in ast.walk(ast.parse("\n".join(before)))
+             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+             and node.lineno <= changed <= (node.end_lineno or node.lineno)]
+    names = [node.name for node in sorted(found, key=lambda node: -node.lineno) if node.name not in GENERIC]
+    return names + [pristine.stem]
+
+
+def _grade_submission(course: Course, unit_id: str, submission: Path, budget: float, names=()) -> int:
     from autograder.runner import grade
 
     # The grader's own limit stops a mutant that loops forever before cosmic-ray's timeout does.
@@ -118,7 +158,7 @@ def _grade_submission(course: Course, unit_id: str, submission: Path, budget: fl
     course = course.model_copy(update={"units": [u.model_copy(update={"limits": limits}) if u.id == unit_id else u
                                                  for u in course.units]})
     report = grade(course, submission, [unit_id], visible=False, isolation="inprocess",
-                   extra_args=["-x", "-m", "not gpu"])
+                   extra_args=["-x", "-m", "not gpu", "-p", "benchmarks.mutant_first", "--mutant-names", ",".join(names)])
     result = report.units[0]
     failed = [t for t in result.tests if t.status not in ("passed", "not_graded")]
     for test in failed[:1]:
@@ -213,14 +253,33 @@ def forget_survivors(unit_id: str) -> list[str]:
     return job_ids
 
 
+def new_session(course: Course, unit_id: str, db, restore: bool) -> float:
+    """Fill an empty session with every mutant of the unit's learner files; those outside the solution
+    regions or of an excluded operator are skipped, and (with restore) those graded before get their
+    committed results.  The seconds the restored gradings took."""
+    from cosmic_ray.commands import init
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    modules = [Path(p) for p in learner_files(course, unit_id)]
+    os.chdir(REPO_ROOT)  # cosmic-ray records module paths relative to here; workers use theirs
+    init(modules, db, {})
+    inside = {str(p): region_lines(REPO_ROOT / p) for p in modules}
+    outside = [item.job_id for item in db.work_items
+               if item.mutations[0].start_pos[0] not in inside[str(item.mutations[0].module_path)]]
+    excluded = [item.job_id for item in db.work_items if EXCLUDED.search(item.mutations[0].operator_name)]
+    db.set_multiple_results(outside, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
+                                                output="outside the solution regions"))
+    db.set_multiple_results(sorted(set(excluded) - set(outside)),
+                            WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="excluded operator"))
+    return restore_results(course, unit_id, db) if restore else 0.0
+
+
 def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: int | None = None,
                 first: tuple[str, ...] = ()) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from cosmic_ray.commands import init
     from cosmic_ray.plugins import get_distributor
     from cosmic_ray.work_db import WorkDB, use_db
-    from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     folder = STATE / unit_id
     session = folder / "session.sqlite"
@@ -233,18 +292,8 @@ def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: i
     meta = folder / "meta.json"
     with use_db(str(session)) as db:
         if db.num_work_items == 0:
-            modules = [Path(p) for p in learner_files(course, unit_id)]
-            os.chdir(REPO_ROOT)  # cosmic-ray records module paths relative to here; workers use theirs
-            init(modules, db, {})
-            inside = {str(p): region_lines(REPO_ROOT / p) for p in modules}
-            outside = [item.job_id for item in db.work_items
-                       if item.mutations[0].start_pos[0] not in inside[str(item.mutations[0].module_path)]]
-            excluded = [item.job_id for item in db.work_items if EXCLUDED.search(item.mutations[0].operator_name)]
-            db.set_multiple_results(outside, WorkResult(worker_outcome=WorkerOutcome.SKIPPED,
-                                                        output="outside the solution regions"))
-            db.set_multiple_results(sorted(set(excluded) - set(outside)),
-                                    WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="excluded operator"))
-            meta.write_text(json.dumps({"regions_hash": regions_hash(course, unit_id), "seconds": 0.0}))
+            seconds = new_session(course, unit_id, db, restore=not restart)
+            meta.write_text(json.dumps({"regions_hash": regions_hash(course, unit_id), "seconds": seconds}))
     info = json.loads(meta.read_text())
     if info["regions_hash"] != regions_hash(course, unit_id):
         raise click.ClickException(f"{unit_id}: the solution regions changed since this session began; "
@@ -276,6 +325,77 @@ def run_session(course: Course, unit_id: str, jobs: int, restart: bool, limit: i
         _stop_workers(workers)
         info["seconds"] = info.get("seconds", 0.0) + time.monotonic() - started
         meta.write_text(json.dumps(info))
+        save_results(course, unit_id)
+
+
+# --- the committed results ------------------------------------------------------------------------------
+
+def _key(item) -> tuple[str, str, int]:
+    mutation = item.mutations[0]
+    return str(mutation.module_path), mutation.operator_name, int(mutation.occurrence)
+
+
+def save_results(course: Course, unit_id: str) -> None:
+    """Write the session's mutants inside the regions (graded or not) to tests/mutants/results/."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+    info = json.loads((STATE / unit_id / "meta.json").read_text())
+    rows = []
+    with use_db(str(STATE / unit_id / "session.sqlite"), mode=WorkDB.Mode.open) as db:
+        graded = [(item, result) for item, result in db.completed_work_items
+                  if result.worker_outcome not in (WorkerOutcome.SKIPPED, WorkerOutcome.NO_TEST)]
+        for item, result in graded:
+            row = {"worker": result.worker_outcome.value,
+                   "test": result.test_outcome.value if result.test_outcome else None}
+            if result.test_outcome == TestOutcome.SURVIVED:
+                row["diff"] = result.diff
+            else:  # which test (or limit) caught it: its first line is enough
+                row["by"] = (result.output or "").strip().splitlines()[0][:160] if (result.output or "").strip() else ""
+            rows.append((item, row))
+        rows += [(item, {"worker": "pending"}) for item in db.pending_work_items]
+    lines = [json.dumps({"unit": unit_id, "files_hash": files_hash(course, unit_id), "regions_hash": info["regions_hash"],
+                         "seconds": round(info.get("seconds", 0.0))})]
+    for item, row in sorted(rows, key=lambda pair: (_key(pair[0]), pair[0].mutations[0].start_pos)):
+        file, operator, occurrence = _key(item)
+        lines.append(json.dumps({"file": file, "line": item.mutations[0].start_pos[0], "operator": operator,
+                                 "occurrence": occurrence, **row}))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{unit_id}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def stored_results(unit_id: str) -> tuple[dict, list[dict]] | None:
+    """(the header, one row per mutant) of a unit's committed results, or None."""
+    path = RESULTS / f"{unit_id}.jsonl"
+    if not path.exists():
+        return None
+    header, *rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return header, rows
+
+
+def restore_results(course: Course, unit_id: str, db) -> float:
+    """Give a new session the committed results of mutants graded before (in another checkout), when
+    the learner files are the ones they were graded on; the seconds those gradings took."""
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+
+    stored = stored_results(unit_id)
+    if stored is None:
+        return 0.0
+    header, rows = stored
+    if header["files_hash"] != files_hash(course, unit_id):
+        print(f"{unit_id}: the learner files changed since {RESULTS.name}/{unit_id}.jsonl was written; grading all again")
+        return 0.0
+    known = {(r["file"], r["operator"], r["occurrence"]): r for r in rows if r["worker"] != "pending"}
+    restored = 0
+    for item in list(db.pending_work_items):
+        row = known.get(_key(item))
+        if row is not None:
+            outcome = TestOutcome(row["test"]) if row["test"] else None
+            db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome(row["worker"]), test_outcome=outcome,
+                                                  output=row.get("by"), diff=row.get("diff")))
+            restored += 1
+    print(f"{unit_id}: {restored} mutant(s) graded before, restored from {RESULTS.name}/{unit_id}.jsonl")
+    return float(header.get("seconds", 0.0))
 
 
 # --- the table ---------------------------------------------------------------------------------------
@@ -317,41 +437,36 @@ def equivalent_identities(unit_id: str) -> set[tuple[str, str, str]]:
 
 
 def tally(unit_id: str) -> tuple[Tally, list[dict]]:
-    """Counts for one unit's session, and its unhandled survivors (with their diffs)."""
-    from cosmic_ray.work_db import WorkDB, use_db
-    from cosmic_ray.work_item import TestOutcome, WorkerOutcome
-
-    folder = STATE / unit_id
-    info = json.loads((folder / "meta.json").read_text())
+    """Counts for one unit's committed results, and its unhandled survivors (with their diffs)."""
+    header, rows = stored_results(unit_id)
     known = equivalent_identities(unit_id)
-    counts, survivors = Tally(seconds=info.get("seconds", 0.0), regions_hash=info["regions_hash"]), []
-    with use_db(str(folder / "session.sqlite"), mode=WorkDB.Mode.open) as db:
-        for item, result in db.completed_work_items:
-            if result.worker_outcome in (WorkerOutcome.SKIPPED, WorkerOutcome.NO_TEST):
-                continue
-            counts.mutants += 1
-            if result.test_outcome == TestOutcome.SURVIVED:
-                mutation = item.mutations[0]
-                key = identity(item, result)
-                _, original, mutated = key
-                if key in known:
-                    counts.equivalent += 1
-                else:
-                    counts.survived += 1
-                    survivors.append({"unit": unit_id, "file": Path(mutation.module_path).name,
-                                      "line": mutation.start_pos[0], "operator": mutation.operator_name,
-                                      "original": original, "mutated": mutated, "diff": result.diff})
+    counts, survivors = Tally(seconds=header.get("seconds", 0.0), regions_hash=header["regions_hash"]), []
+    for row in rows:
+        counts.mutants += 1
+        if row["worker"] == "pending":
+            counts.pending += 1
+        elif row["test"] == "survived":
+            key = (Path(row["file"]).name, *changed_lines(row.get("diff") or ""))
+            if key in known:
+                counts.equivalent += 1
             else:
-                counts.killed += 1
-        counts.pending = sum(1 for _ in db.pending_work_items)
-        counts.mutants += counts.pending
+                counts.survived += 1
+                survivors.append({"unit": unit_id, "file": key[0], "line": row["line"], "operator": row["operator"],
+                                  "original": key[1], "mutated": key[2], "diff": row.get("diff")})
+        else:
+            counts.killed += 1
     return counts, survivors
+
+
+def score_row(unit_id: str, counts: Tally) -> str:
+    return (f"| {unit_id} | {counts.mutants} | {counts.killed} | {counts.survived} | {counts.equivalent} | "
+            f"{counts.pending} | {counts.score:.1%} | {counts.seconds / 60:.0f} min | {counts.regions_hash} |")
 
 
 def write_scores(course: Course) -> list[dict]:
     rows, survivors = [], []
     for unit in course.units:
-        if not (STATE / unit.id / "meta.json").exists():
+        if stored_results(unit.id) is None:
             continue
         counts, left = tally(unit.id)
         survivors += left
@@ -362,18 +477,15 @@ def write_scores(course: Course) -> list[dict]:
              "Made by `python -m benchmarks.mutation` (cosmic-ray's operators, inside the solution regions only;",
              "each mutant graded by the unit's hidden suite through `runner.grade`, against references from the",
              "pristine solutions). Score = killed / (mutants - equivalent - not yet graded); the equivalent mutants",
-             "and their reasons are in `equivalent.yml`. `make test` checks that each unit's regions still hash to",
-             "the value below.",
+             "and their reasons are in `equivalent.yml`; every graded mutant is in `results/unitN.jsonl` (a new",
+             "checkout resumes from there). `make test` checks that each unit's regions still hash to the value",
+             "below, and that a row with results there is the count of those results.",
              "",
              "| unit | mutants | killed | survived | equivalent | not yet graded | score | run time | regions hash |",
              "|---|---|---|---|---|---|---|---|---|"]
-    done = {unit_id for unit_id, _ in rows}
-    for unit_id, counts in rows:
-        lines.append(f"| {unit_id} | {counts.mutants} | {counts.killed} | {counts.survived} | {counts.equivalent} | "
-                     f"{counts.pending} | {counts.score:.1%} | {counts.seconds / 60:.0f} min | {counts.regions_hash} |")
-    for unit_id, row in old.items():
-        if unit_id not in done:
-            lines.append(row["line"])
+    # A unit without committed results keeps the row an older run wrote; the rows go in course order.
+    table = {unit_id: row["line"] for unit_id, row in old.items()} | {u: score_row(u, c) for u, c in rows}
+    lines += [table[unit.id] for unit in course.units if unit.id in table]
     SCORES.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return survivors
 
@@ -409,6 +521,9 @@ def main(ctx, units, jobs, restart, report_only, limit, recheck):
                 first = tuple(forget_survivors(unit_id))
                 print(f"{unit_id}: {len(first)} survivor(s) to grade again, before any other pending mutant")
             run_session(course, unit_id, jobs, restart, limit, first)
+    for unit in course.units:  # a session stopped the hard way (SIGKILL) saved nothing yet
+        if (STATE / unit.id / "meta.json").exists():
+            save_results(course, unit.id)
     survivors = write_scores(course)
     print(SCORES.read_text())
     if survivors:
