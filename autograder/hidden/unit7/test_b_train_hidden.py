@@ -151,7 +151,7 @@ def test_split_decay_on_other_layers(learner):
 def test_adamw_matches_torch_step_by_step(learner, seed, betas):
     """Three tensors in two groups (weight decay 0.1 and 0), five steps with new gradients each time
     (of sizes 0.1 to 10) and the learning rate changed between steps (one step at lr 0); the third
-    tensor has no gradient at step 3."""
+    tensor has no gradient at step 3, and the first one none at step 4."""
     o = oracles()
     gen = torch.Generator().manual_seed(seed)
     tensors = [_randn(gen, 4, 3), _randn(gen, 5), _randn(gen, 2, 2, 2)]
@@ -167,6 +167,8 @@ def test_adamw_matches_torch_step_by_step(learner, seed, betas):
         grads = [_randn(gen, *t.shape, scale=10.0 ** (step % 3 - 1)) for t in tensors]
         if step == 2:
             grads[2] = None
+        if step == 3:  # the first of its group: the tensor after it still has a gradient, and must step
+            grads[0] = None
         o.set_grads(learner, first, grads[:2])
         o.set_grads(learner, second, grads[2:])
         o.set_group_lr(learner, opt, [lr, lr])
@@ -228,10 +230,11 @@ def test_lr_at_matches_transformers(learner, case):
 
 
 @pytest.mark.group("schedule_clip")
-@pytest.mark.parametrize("scale, max_norm", [(1.0, 0.5), (0.01, 1.0), (1.0, 0.0), (3.0, None)])
+@pytest.mark.parametrize("scale, max_norm", [(1.0, 0.5), (0.01, 1.0), (1.0, 0.0), (3.0, None), (1.0, "1.5x")])
 def test_clip_grad_norm_matches_torch(learner, seed, scale, max_norm):
     """Three parameters (one without a gradient), passed as a generator; ``max_norm=None`` here means
-    a limit exactly equal to the norm (torch still scales by max_norm / (total + 1e-6))."""
+    a limit exactly equal to the norm (torch still scales by max_norm / (total + 1e-6)), and "1.5x" a
+    limit 1.5 times the norm: under the limit, so nothing is scaled (not even up, by 1.5)."""
     o = oracles()
     gen = torch.Generator().manual_seed(seed)
     tensors = [_randn(gen, 3, 4), _randn(gen, 7), _randn(gen, 2)]
@@ -242,7 +245,7 @@ def test_clip_grad_norm_matches_torch(learner, seed, scale, max_norm):
     for p, g in zip(ref, grads):
         p.grad = None if g is None else g.clone()
     total = float(torch.sqrt(sum(g.pow(2).sum() for g in grads if g is not None)))
-    limit = total if max_norm is None else max_norm
+    limit = total if max_norm is None else total * float(max_norm[:-1]) if isinstance(max_norm, str) else max_norm
     got_norm = learner.module("train").clip_grad_norm(params.parameters(), limit)
     want_norm = float(torch.nn.utils.clip_grad_norm_(ref, limit))
     what = f"clip_grad_norm(<generator of 3 parameters>, max_norm={limit:g}) with a total gradient norm {total:.4g}"
