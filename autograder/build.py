@@ -15,7 +15,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from autograder.manifest import REPO_ROOT, Course
 
 BEGIN = "### BEGIN SOLUTION"

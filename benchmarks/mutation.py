@@ -246,7 +246,7 @@ def forget_survivors(unit_id: str) -> list[str]:
     known = equivalent_identities(unit_id)
     with use_db(str(STATE / unit_id / "session.sqlite"), mode=WorkDB.Mode.open) as db:
         job_ids = [item.job_id for item, result in db.completed_work_items
-                   if result.test_outcome == TestOutcome.SURVIVED and identity(item, result) not in known]
+                   if result.test_outcome == TestOutcome.SURVIVED and identity(item.mutations[0].module_path, result.diff) not in known]
         with db._session_maker.begin() as session:  # cosmic-ray has no call to drop some results
             session.query(WorkResultStorage).filter(WorkResultStorage.job_id.in_(job_ids)).delete(
                 synchronize_session=False)
@@ -351,7 +351,7 @@ def save_results(course: Course, unit_id: str) -> None:
             if result.test_outcome == TestOutcome.SURVIVED:
                 row["diff"] = result.diff
             else:  # which test (or limit) caught it: its first line is enough
-                row["by"] = (result.output or "").strip().splitlines()[0][:160] if (result.output or "").strip() else ""
+                row["by"] = ((result.output or "").strip().splitlines() or [""])[0][:160]
             rows.append((item, row))
         rows += [(item, {"worker": "pending"}) for item in db.pending_work_items]
     lines = [json.dumps({"unit": unit_id, "files_hash": files_hash(course, unit_id), "regions_hash": info["regions_hash"],
@@ -427,9 +427,9 @@ def load_equivalent() -> list[dict]:
     return yaml.safe_load(EQUIVALENT.read_text(encoding="utf-8")) or [] if EQUIVALENT.exists() else []
 
 
-def identity(item, result) -> tuple[str, str, str]:
+def identity(module_path, diff: str | None) -> tuple[str, str, str]:
     """(file name, removed lines, added lines): how equivalent.yml names a mutant."""
-    return (Path(item.mutations[0].module_path).name, *changed_lines(result.diff or ""))
+    return (Path(module_path).name, *changed_lines(diff or ""))
 
 
 def equivalent_identities(unit_id: str) -> set[tuple[str, str, str]]:
@@ -446,7 +446,7 @@ def tally(unit_id: str) -> tuple[Tally, list[dict]]:
         if row["worker"] == "pending":
             counts.pending += 1
         elif row["test"] == "survived":
-            key = (Path(row["file"]).name, *changed_lines(row.get("diff") or ""))
+            key = identity(row["file"], row.get("diff"))
             if key in known:
                 counts.equivalent += 1
             else:
