@@ -261,7 +261,11 @@ def test_masked_whiten(learner, rng, shift_mean):
                  call=f"masked_whiten(x[5,8] float64, {'bool' if shift_mean else 'float64'} mask, shift_mean={shift_mean})",
                  mistakes={"the mean and variance must come from the masked positions only": np.where(m > 0, everywhere, 0.0),
                            "the mean and variance must come from the masked positions only (and the output is 0 outside the mask)": everywhere,
-                           "use the Bessel-corrected variance: multiply by n / (n - 1)": biased})
+                           "use the Bessel-corrected variance: multiply by n / (n - 1)": biased},
+                 # where eps goes shows here only at the edge of the tolerance, on some seeds: the hint names
+                 # it, so that this failure teaches what test_masked_whiten_eps would
+                 hint="out = (x - mean) * rsqrt(var + eps): eps is ADDED to the variance, and eps goes inside the "
+                      "square root; mean and var over the masked positions, var with Bessel's correction")
 
 
 @pytest.mark.group("masked_ops")
