@@ -60,7 +60,8 @@ def test_unary_against_torch(learner, rng, name):
         x0 = 0.5
     # One random point has one sign: a relu that returns 0 everywhere (or x everywhere) agrees with
     # torch on half the seeds.  Where the range holds both signs, both are checked on every seed.
-    for point in ((abs(x0), -abs(x0)) if lo < 0 < hi else (x0,)):
+    # Just either side of 0 as well: a relu whose threshold moved (x > -1) is wrong only near it.
+    for point in ((abs(x0), -abs(x0), 1e-3, -1e-3) if lo < 0 < hi else (x0,)):
         _check_unary(Value, name, apply, torch_apply, point)
 
 
