@@ -514,6 +514,9 @@ def main(ctx, units, jobs, restart, report_only, limit, recheck):
     if ctx.invoked_subcommand is not None:
         return
     course = load_course()
+    # `kill` (SIGTERM) must stop a run the way Ctrl-C does, so that its finally blocks save the results
+    # and the seconds spent; without this the time of a stopped run is lost from the table.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not report_only:
         for unit_id in units or [u.id for u in course.units]:
             first = ()
