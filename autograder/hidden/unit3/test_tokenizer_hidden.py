@@ -347,6 +347,10 @@ def stream_hint(oracle: Oracle, chunks: list[str], got, want: list[int]) -> str:
     hints += [hint for steps, hint in STREAM_MISTAKES if got == replay_stream(oracle, chunks, **steps)]
     if "" in chunks and got == oracle.encode("".join(chunks[:chunks.index("")])):
         hints.append("an empty chunk is not the end of the input: read until the iterable is exhausted")
+    broken = [token for token, i in oracle.special_ids.items() if got.count(i) < want.count(i)]
+    if broken and oracle.decode(got) == oracle.decode(want):
+        hints.append(f"the special token {broken[0]!r} came out as ordinary bytes, so a cut fell inside it: the cut "
+                     "moves left only within the text after the last whole special token, never below that text's start")
     return "\nHint: ".join(hints) or STREAM_HINT
 
 
@@ -392,6 +396,9 @@ STEP_CASES = {
     "special_token_inside_a_longer_one": ([["<|a|><|a|>"], ["x<|a|>", "<|a|>y"], ["x<|a|><|a|><|a|", ">"], ["x<|a|><|a|", ">"],
                                            ["x<|a|", ">y"]],
                                           ["<|a|>", "<|a|><|a|>"]),
+    # 3-4. at the start of the text after a special token: a cut held back to 0 there stops at 0
+    "whitespace_after_a_special_token": ([["the end.<|endoftext|>\n", "Next"], ["<|endoftext|> ", "x"],
+                                          ["a", "<|endoftext|> hi ", "there"], ["x<|endoftext|>\n\n", "\n"]], [EOT]),
     # empty input: no chunks, empty chunks
     "empty_chunks": ([[], [""], ["", "the", "", " cat", ""], ["the", ""]], [EOT]),
 }
@@ -474,6 +481,17 @@ def test_encode_remembers_pretokens_in_a_bounded_cache(learner):
         size = len(tok.cache)
         check(1 <= size <= 3, f"with CACHE_LIMIT = 3, after encode({''.join(pretokens[:k])!r}) tok.cache holds {size} "
               "pre-tokens; it must hold between 1 and CACHE_LIMIT (clear it when it is full, then store the new one)")
+    # The same with a limit past 256, where ints are not shared objects (`len(cache) is CACHE_LIMIT` never holds):
+    # 700 distinct words, 100 per call.
+    tok.cache = {}
+    tok.CACHE_LIMIT = 300
+    words = [" " + "".join(chr(97 + (n + 676) // 26 ** j % 26) for j in (2, 1, 0)) for n in range(700)]
+    for start in range(0, len(words), 100):
+        tok.encode("".join(words[start:start + 100]))
+        size = len(tok.cache)
+        check(1 <= size <= 300, f"with CACHE_LIMIT = 300, after encoding {start + 100} distinct words, tok.cache holds "
+              f"{size} pre-tokens; it must hold between 1 and CACHE_LIMIT\nHint: clear the cache once "
+              "len(self.cache) >= self.CACHE_LIMIT; compare numbers with == or >=, never `is`")
 
 
 @pytest.mark.group("encode")

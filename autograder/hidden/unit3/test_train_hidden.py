@@ -213,6 +213,10 @@ MERGE_WORD_CASES = [  # (word, pair, the word after merging the pair)
     (("th", "e"), ("e", "th"), ("th", "e")),  # the pair reversed is another pair
     (("a",), ("a", "a"), ("a",)),
     ((), ("a", "b"), ()),
+    # a pre-token longer than 256 pieces (a run of digits, a URL) ending in the pair's first piece: positions
+    # past 256 are ints CPython does not cache, and the last piece has no right neighbour
+    (("1",) * 299 + ("2",), ("1", "2"), ("1",) * 298 + ("12",)),
+    (("1", "2") * 150 + ("1",), ("1", "2"), ("12",) * 150 + ("1",)),
 ]
 
 
