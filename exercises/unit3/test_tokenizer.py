@@ -178,6 +178,9 @@ STREAM_CASES = {
                                           "never cut inside a whole special token of the buffer: the end \"<|a|>\" of "
                                           "\"<|a|><|a|>\" is also the beginning of the longer token; move the cut to "
                                           "the start of the whole token"),
+    "whitespace_after_a_special_token": (["the end.<|endoftext|>\n", "Next"], [EOT],
+                                         "moving the cut left past whitespace stops at the start of the text after the "
+                                         "last special token; never move it into that token"),
     "empty_chunks": (["", "the", "", " cat", ""], [EOT],
                      "an empty chunk is not the end of the input: read until the iterable is exhausted"),
 }
