@@ -8,7 +8,9 @@ and streams are written here (``learner.put_file``, ``learner.put_stream``); the
 runs here.  Laziness is seen from here (ids arrive while the input has not ended), and memory is
 measured from outside the worker (``learner.measure_harness``, in a fresh worker)."""
 
+import itertools
 import json
+import string
 
 import numpy as np
 import pytest
@@ -485,7 +487,7 @@ def test_encode_remembers_pretokens_in_a_bounded_cache(learner):
     # 700 distinct words, 100 per call.
     tok.cache = {}
     tok.CACHE_LIMIT = 300
-    words = [" " + "".join(chr(97 + (n + 676) // 26 ** j % 26) for j in (2, 1, 0)) for n in range(700)]
+    words = [" " + "".join(letters) for letters in itertools.islice(itertools.product(string.ascii_lowercase, repeat=3), 700)]
     for start in range(0, len(words), 100):
         tok.encode("".join(words[start:start + 100]))
         size = len(tok.cache)
